@@ -1,0 +1,1 @@
+"""Supernet training: masked optimisation of the sampled subnet (Algorithm 1)."""

@@ -1,0 +1,305 @@
+"""Masked AdamW, masked gradient clipping and masked EMA for weight-sharing supernets.
+
+Algorithm 1 updates only the sampled subnet's part of the shared weights and freezes the rest. With
+first-k slicing every full tensor receives a gradient (zeros outside the slice), so ``torch.optim.AdamW``
+still moves the frozen entries: decoupled weight decay touches every entry and the first moment from
+earlier steps is non-zero (see ``shared/reference/frozen-rest.md``). Everything here takes an explicit
+``active`` mapping instead:
+
+``active[name]`` is a boolean mask of the parameter's shape, ``True`` where the entry belongs to the sampled
+subnet; a name that is absent or maps to ``None`` marks a parameter the subnet did not use at all. Every
+entry outside the mask - weight, gradient (for clipping), optimizer state and EMA - stays bit-identical.
+
+The arithmetic runs over full tensors and is selected with ``torch.where`` (no Python loops over entries),
+so the cost per step is a few elementwise passes over each active parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ActiveMasks = Mapping[str, "Tensor | None"]
+NamedParams = Iterable[tuple[str, Tensor]]
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def _check_mask(name: str, param: Tensor, mask: Tensor) -> None:
+    """Raise ``ValueError`` unless ``mask`` is a boolean tensor shaped and placed like ``param``."""
+    if mask.dtype != torch.bool or mask.shape != param.shape or mask.device != param.device:
+        raise ValueError(
+            f"mask for {name!r} must be a bool tensor of shape {tuple(param.shape)} on {param.device}, "
+            f"got {mask.dtype} {tuple(mask.shape)} on {mask.device}"
+        )
+
+
+def _bias_corrections(step: Tensor, beta1: float, beta2: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-entry ``1 - beta1**t`` and ``sqrt(1 - beta2**t)`` for integer counts ``t`` (same shape as ``step``).
+
+    Computed in float64 and then cast, like torch's single-tensor AdamW which uses Python floats (torch's
+    float64 ``pow`` can differ from Python's in the last double bit; after the cast to float32 the results
+    matched for every ``t`` up to 200k checked). ``t == 0`` is clamped to 1 to keep discarded values finite.
+    """
+    t = step.clamp(min=1).to(torch.float64)
+    bias_correction1 = 1.0 - torch.pow(beta1, t)
+    bias_correction2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt()
+    return bias_correction1, bias_correction2_sqrt.to(dtype)
+
+
+def _masked_adamw_update(
+    param: Tensor, grad: Tensor, mask: Tensor, state: dict[str, Tensor], group: Mapping[str, Any]
+) -> None:
+    """One AdamW step restricted to ``mask``; mirrors ``torch.optim.adam._single_tensor_adam``."""
+    lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
+    beta1, beta2 = group["betas"]
+    exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+
+    # Count this step for the active entries only.
+    step.add_(mask.to(step.dtype))
+
+    # Decoupled weight decay.
+    if weight_decay != 0:
+        param.copy_(torch.where(mask, param.mul(1 - lr * weight_decay), param))
+
+    # Moments.
+    exp_avg.copy_(torch.where(mask, exp_avg.lerp(grad, 1 - beta1), exp_avg))
+    new_exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    exp_avg_sq.copy_(torch.where(mask, new_exp_avg_sq, exp_avg_sq))
+
+    # Bias-corrected update with each entry's own step count.
+    bias_correction1, bias_correction2_sqrt = _bias_corrections(step, beta1, beta2, param.dtype)
+    neg_step_size = (lr / bias_correction1).to(param.dtype).neg_()
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    updated = param + neg_step_size * exp_avg / denom
+    param.copy_(torch.where(mask, updated, param))
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, no amsgrad) that updates only the masked entries of each parameter.
+
+    Construct it from ``model.named_parameters()`` (or param groups whose ``"params"`` are ``(name, param)``
+    pairs) and call ``step(active)`` with the masks of the sampled subnet (see the module docstring).
+    A parameter whose mask is ``None``/absent, or whose ``.grad`` is ``None``, is skipped entirely (no update,
+    no decay, no state change), like torch skips parameters without gradients.
+
+    Step counts are per entry: ``state["step"]`` is an int32 tensor of the parameter's shape counting how
+    many times each entry was updated, so Adam's bias correction ``1 - beta**t`` uses each entry's own
+    ``t``. One count per tensor would be wrong for entries updated fewer times (they would get too little
+    bias correction). Per entry, the update equals ``torch.optim.AdamW(foreach=False)`` run on that entry
+    alone over the steps where it was active; with an all-True mask it equals torch's AdamW on the tensor.
+
+    State tensors are plain, contiguous tensors; ``optimizer_state_tensors`` / ``hyperparameters`` give a
+    safetensors + JSON form, and ``state_dict`` / ``load_state_dict`` work as for any torch optimizer.
+    """
+
+    def __init__(
+        self,
+        params: NamedParams | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid hyperparameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        for group in self.param_groups:
+            if "param_names" not in group:
+                raise ValueError("MaskedAdamW needs named parameters: pass model.named_parameters()")
+
+    def named_parameters(self) -> Iterable[tuple[str, Tensor, dict[str, Any]]]:
+        """Yield ``(name, param, group)`` for every parameter, in group order."""
+        for group in self.param_groups:
+            for name, param in zip(group["param_names"], group["params"], strict=True):
+                yield name, param, group
+
+    def _init_state(self, param: Tensor) -> dict[str, Tensor]:
+        state = self.state[param]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["step"] = torch.zeros_like(param, dtype=torch.int32)
+        return state
+
+    @torch.no_grad()
+    def step(self, active: ActiveMasks) -> None:  # type: ignore[override]
+        """Update the entries where ``active[name]`` is True; raise ``KeyError`` for unknown names."""
+        unknown = set(active) - {name for name, _, _ in self.named_parameters()}
+        if unknown:
+            raise KeyError(f"masks for unknown parameters: {sorted(unknown)}")
+        for name, param, group in self.named_parameters():
+            mask = active.get(name)
+            if mask is None or param.grad is None:
+                continue
+            _check_mask(name, param, mask)
+            _masked_adamw_update(param, param.grad, mask, self._init_state(param), group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, then own copies of every state tensor on its parameter's device."""
+        super().load_state_dict(state_dict)
+        for _, param, _ in self.named_parameters():
+            state = self.state.get(param)
+            if state:
+                for key in _STATE_KEYS:
+                    state[key] = state[key].to(device=param.device, copy=True)
+
+    def optimizer_state_tensors(self) -> dict[str, Tensor]:
+        """Flat ``{"{param_name}.exp_avg" | ".exp_avg_sq" | ".step": tensor}`` copies (safetensors-ready)."""
+        tensors: dict[str, Tensor] = {}
+        for name, param, _ in self.named_parameters():
+            state = self.state.get(param)
+            if state:
+                for key in _STATE_KEYS:
+                    tensors[f"{name}.{key}"] = state[key].detach().clone().contiguous()
+        return tensors
+
+    def load_optimizer_state_tensors(self, tensors: Mapping[str, Tensor]) -> None:
+        """Inverse of ``optimizer_state_tensors``; parameters without entries get fresh (empty) state."""
+        expected: set[str] = set()
+        for name, param, _ in self.named_parameters():
+            keys = [f"{name}.{key}" for key in _STATE_KEYS]
+            present = [key in tensors for key in keys]
+            if any(present) and not all(present):
+                raise KeyError(f"incomplete optimizer state for {name!r}")
+            self.state.pop(param, None)
+            if not all(present):
+                continue
+            expected.update(keys)
+            for key, flat_key in zip(_STATE_KEYS, keys, strict=True):
+                value = tensors[flat_key]
+                if value.shape != param.shape:
+                    raise ValueError(f"{flat_key}: shape {tuple(value.shape)} != {tuple(param.shape)}")
+                dtype = torch.int32 if key == "step" else param.dtype
+                self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
+        unknown = set(tensors) - expected
+        if unknown:
+            raise KeyError(f"optimizer state for unknown parameters: {sorted(unknown)}")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """JSON-able ``{"param_groups": [{"param_names": [...], "lr": ..., "betas": [...], ...}]}``."""
+        groups = []
+        for group in self.param_groups:
+            entry = {k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k != "params"}
+            groups.append(entry)
+        return {"param_groups": groups}
+
+    def load_hyperparameters(self, hyperparameters: Mapping[str, Any]) -> None:
+        """Restore group settings saved by ``hyperparameters`` (groups must list the same names)."""
+        saved = hyperparameters["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"{len(saved)} saved param groups, optimizer has {len(self.param_groups)}")
+        for group, entry in zip(self.param_groups, saved, strict=True):
+            if list(entry["param_names"]) != list(group["param_names"]):
+                raise ValueError("saved param group lists different parameter names")
+            for key, value in entry.items():
+                if key != "param_names":
+                    group[key] = tuple(value) if key == "betas" else value
+
+
+@torch.no_grad()
+def masked_clip_grad_norm_(
+    named_params: NamedParams, active: ActiveMasks, max_norm: float, eps: float = 1e-6
+) -> Tensor:
+    """Clip by the global L2 norm of the active gradient entries, scaling only those entries.
+
+    Follows ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + eps)`` clamped to 1,
+    applied without a host sync). Parameters without a mask or gradient are ignored; gradient entries
+    outside the masks stay bit-identical. Returns the total norm of the active entries (0-dim tensor).
+    """
+    selected: list[tuple[Tensor, Tensor]] = []
+    for name, param in named_params:
+        mask = active.get(name)
+        if mask is not None and param.grad is not None:
+            _check_mask(name, param, mask)
+            selected.append((param.grad, mask))
+    if not selected:
+        return torch.tensor(0.0)
+    zero = torch.zeros((), dtype=selected[0][0].dtype, device=selected[0][0].device)
+    norms = [torch.linalg.vector_norm(torch.where(mask, grad, zero)) for grad, mask in selected]
+    total_norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    clip_coef = torch.clamp(max_norm / (total_norm + eps), max=1.0)
+    for grad, mask in selected:
+        grad.copy_(torch.where(mask, grad * clip_coef.to(grad.device), grad))
+    return total_norm
+
+
+class MaskedEMA:
+    """Exponential moving average of weights, updated only where the subnet's mask is True.
+
+    ``ema <- lerp(ema, weight, 1 - d)`` on active entries. With ``warmup=True`` the decay is per entry,
+    ``d = min(decay, (1 + n) / (10 + n))`` where ``n`` counts that entry's previous EMA updates (an int32
+    tensor per parameter, saved with the state), so an entry first trained late warms up like one trained
+    from the start. With ``warmup=False`` ``d = decay`` and no counts are kept. Frozen entries' EMA stays
+    bit-identical.
+    """
+
+    def __init__(self, named_params: NamedParams, decay: float = 0.999, warmup: bool = True) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.warmup = warmup
+        self.shadow: dict[str, Tensor] = {n: p.detach().clone() for n, p in named_params}
+        self.counts: dict[str, Tensor] | None = (
+            {n: torch.zeros_like(s, dtype=torch.int32) for n, s in self.shadow.items()} if warmup else None
+        )
+
+    def _decay_weight(self, name: str) -> Tensor | float:
+        """``1 - d`` per entry (warm-up) or as a scalar."""
+        if self.counts is None:
+            return 1.0 - self.decay
+        count = self.counts[name].to(self.shadow[name].dtype)
+        return 1.0 - torch.clamp((1.0 + count) / (10.0 + count), max=self.decay)
+
+    @torch.no_grad()
+    def update(self, named_params: NamedParams, active: ActiveMasks) -> None:
+        """Move the EMA toward the current weights on the active entries of each named parameter."""
+        for name, param in named_params:
+            mask = active.get(name)
+            if mask is None:
+                continue
+            if name not in self.shadow:
+                raise KeyError(f"EMA does not track {name!r}")
+            _check_mask(name, param, mask)
+            ema = self.shadow[name]
+            ema.copy_(torch.where(mask, torch.lerp(ema, param.detach(), self._decay_weight(name)), ema))
+            if self.counts is not None:
+                self.counts[name].add_(mask.to(torch.int32))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Flat ``{"{name}.ema": tensor, "{name}.ema_count": int32 tensor}`` copies (safetensors-ready)."""
+        tensors = {f"{n}.ema": s.clone().contiguous() for n, s in self.shadow.items()}
+        if self.counts is not None:
+            tensors.update({f"{n}.ema_count": c.clone().contiguous() for n, c in self.counts.items()})
+        return tensors
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor]) -> None:
+        """Inverse of ``state_dict``; the key set must match exactly."""
+        expected = {f"{n}.ema" for n in self.shadow}
+        if self.counts is not None:
+            expected |= {f"{n}.ema_count" for n in self.shadow}
+        if set(tensors) != expected:
+            raise KeyError(f"EMA state keys differ: {sorted(set(tensors) ^ expected)}")
+        for key, value in tensors.items():
+            name, kind = key.rsplit(".", 1)
+            target = self.shadow[name] if kind == "ema" else self.counts[name]  # type: ignore[index]
+            if value.shape != target.shape:
+                raise ValueError(f"{key}: shape {tuple(value.shape)} != {tuple(target.shape)}")
+            target.copy_(value)
+
+    def averaged_parameters(self) -> dict[str, Tensor]:
+        """The EMA tensors by parameter name (live references: copy before modifying)."""
+        return dict(self.shadow)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        """Write the EMA weights into ``module``'s parameters of the same names (all must exist)."""
+        params = dict(module.named_parameters())
+        missing = set(self.shadow) - set(params)
+        if missing:
+            raise KeyError(f"module lacks EMA parameters: {sorted(missing)}")
+        for name, ema in self.shadow.items():
+            params[name].copy_(ema)

@@ -1,0 +1,3 @@
+"""Supernet families; importing this package registers them."""
+
+from . import pixel  # noqa: F401

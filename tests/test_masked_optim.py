@@ -1,0 +1,286 @@
+"""Masked AdamW / clipping / EMA: frozen entries stay bit-identical, active entries follow AdamW."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from harness.training.masked_optim import MaskedAdamW, MaskedEMA, masked_clip_grad_norm_
+
+HIDDEN, INNER = 6, 7  # full widths of the two hidden layers; conv has 8 output channels
+
+
+class TinySupernet(nn.Module):
+    """conv (8, 4, 3, 3) -> pool -> lin1 (6, 8) -> lin2 reads [h | skip] (7, 6 + 8) -> head (3, 7)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.lin1 = nn.Linear(8, HIDDEN)
+        self.lin2 = nn.Linear(HIDDEN + 8, INNER)
+        self.head = nn.Linear(INNER, 3)
+        self.unused = nn.Linear(3, 3)  # a dropped block: never runs, gets no gradient
+
+
+@dataclass(frozen=True)
+class SubnetConfig:
+    channels: int  # active conv output channels (first-k)
+    hidden: int  # active lin1 outputs
+    inner: int  # active lin2 outputs
+
+
+FULL = SubnetConfig(8, HIDDEN, INNER)
+
+
+def sliced_forward(model: TinySupernet, config: SubnetConfig, x: Tensor) -> Tensor:
+    """Forward of the subnet with first-k slices; ``x`` is ``(B, 4, H, W)``, output ``(B, 3)``."""
+    c, k, m = config.channels, config.hidden, config.inner
+    z = torch.tanh(F.conv2d(x, model.conv.weight[:c], model.conv.bias[:c], padding=1)).mean(dim=(2, 3))
+    h = torch.tanh(F.linear(z, model.lin1.weight[:k, :c], model.lin1.bias[:k]))
+    w2 = torch.cat([model.lin2.weight[:m, :k], model.lin2.weight[:m, HIDDEN : HIDDEN + c]], dim=1)
+    u = torch.tanh(F.linear(torch.cat([h, z], dim=1), w2, model.lin2.bias[:m]))
+    return F.linear(u, model.head.weight[:, :m], model.head.bias)
+
+
+def active_masks(model: TinySupernet, config: SubnetConfig) -> dict[str, Tensor | None]:
+    """Boolean masks of the entries ``sliced_forward`` reads (the union of two boxes for lin2)."""
+    c, k, m = config.channels, config.hidden, config.inner
+    masks: dict[str, Tensor | None] = {
+        n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()
+    }
+    masks["conv.weight"][:c] = True
+    masks["conv.bias"][:c] = True
+    masks["lin1.weight"][:k, :c] = True
+    masks["lin1.bias"][:k] = True
+    masks["lin2.weight"][:m, :k] = True
+    masks["lin2.weight"][:m, HIDDEN : HIDDEN + c] = True
+    masks["lin2.bias"][:m] = True
+    masks["head.weight"][:, :m] = True
+    masks["head.bias"][:] = True
+    masks["unused.weight"] = masks["unused.bias"] = None
+    return masks
+
+
+def backward(model: TinySupernet, config: SubnetConfig, seed: int) -> None:
+    """Set ``.grad`` from a regression loss of the subnet on a seeded batch."""
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(5, 4, 5, 5, generator=gen), torch.randn(5, 3, generator=gen)
+    model.zero_grad(set_to_none=True)
+    F.mse_loss(sliced_forward(model, config, x), y).backward()
+
+
+def make_model(seed: int = 0) -> TinySupernet:
+    torch.manual_seed(seed)
+    return TinySupernet()
+
+
+def masked_step(
+    model: TinySupernet, opt: MaskedAdamW, ema: MaskedEMA, config: SubnetConfig, seed: int
+) -> None:
+    backward(model, config, seed)
+    masks = active_masks(model, config)
+    opt.step(masks)
+    ema.update(model.named_parameters(), masks)
+
+
+WARM_CONFIGS = [FULL, SubnetConfig(5, 4, 6), SubnetConfig(3, 2, 3)]
+TEST_CONFIG = SubnetConfig(4, 3, 5)
+
+
+def snapshot(model: nn.Module, opt: MaskedAdamW, ema: MaskedEMA) -> dict[str, Tensor]:
+    tensors = {f"{n}.weight_value": p.detach().clone() for n, p in model.named_parameters()}
+    return tensors | opt.optimizer_state_tensors() | ema.state_dict()
+
+
+def test_one_masked_step_freezes_every_entry_outside_the_masks() -> None:
+    model = make_model()
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1)
+    ema = MaskedEMA(model.named_parameters(), decay=0.9)
+    for i, config in enumerate(WARM_CONFIGS):
+        masked_step(model, opt, ema, config, seed=i)
+    before = snapshot(model, opt, ema)
+    masked_step(model, opt, ema, TEST_CONFIG, seed=99)
+    after = snapshot(model, opt, ema)
+    masks = active_masks(model, TEST_CONFIG)
+
+    assert set(before) == set(after)
+    assert "unused.weight.exp_avg" not in after  # a parameter never used never gets optimizer state
+    checked = 0
+    for key in before:
+        name = key.rsplit(".", 1)[0]
+        mask = masks[name]
+        if mask is None:
+            assert torch.equal(before[key], after[key]), key
+            continue
+        assert torch.equal(before[key][~mask], after[key][~mask]), key
+        if key.endswith(("step", "ema_count")):
+            assert torch.equal(after[key][mask], before[key][mask] + 1), key
+        else:
+            assert (after[key][mask] != before[key][mask]).all(), key
+        checked += 1
+    assert checked == 8 * 6  # 8 used params x (weight, exp_avg, exp_avg_sq, step, ema, ema_count)
+
+
+@pytest.mark.parametrize("weight_decay", [0.01, 0.0])
+def test_plain_adamw_moves_inactive_entries(weight_decay: float) -> None:
+    """Why MaskedAdamW exists: torch's AdamW changes entries outside the slice (decay and momentum)."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=weight_decay, foreach=False)
+    for i, config in enumerate(WARM_CONFIGS):
+        backward(model, config, seed=i)
+        opt.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    backward(model, TEST_CONFIG, seed=99)
+    opt.step()
+    mask = active_masks(model, TEST_CONFIG)["lin2.weight"]
+    assert mask is not None
+    assert (model.lin2.weight.grad[~mask] == 0).all()  # zero gradient outside the slice...
+    assert (model.lin2.weight.detach()[~mask] != before["lin2.weight"][~mask]).all()  # ...yet it moved
+
+
+def test_all_true_masks_equal_torch_adamw() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 3, 3), (6, 8), (6,)]
+    ours = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    hyper = {"lr": 3e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05}
+    opt = MaskedAdamW([(str(i), p) for i, p in enumerate(ours)], **hyper)
+    ref_opt = torch.optim.AdamW(ref, foreach=False, **hyper)
+    for _ in range(5):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        opt.step({str(i): torch.ones_like(p, dtype=torch.bool) for i, p in enumerate(ours)})
+        ref_opt.step()
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["exp_avg"], ref_opt.state[b]["exp_avg"])
+        assert torch.equal(opt.state[a]["exp_avg_sq"], ref_opt.state[b]["exp_avg_sq"])
+        assert (opt.state[a]["step"] == 5).all()
+
+
+def test_per_entry_step_counts_give_per_entry_bias_correction() -> None:
+    """Entry 0 is updated 5 times, entry 1 twice: each equals AdamW run on that entry alone."""
+    hyper = {"lr": 1e-1, "betas": (0.8, 0.99), "eps": 1e-8, "weight_decay": 0.02}
+    param = nn.Parameter(torch.tensor([0.5, -1.5]))
+    opt = MaskedAdamW([("w", param)], **hyper)
+    grads = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    entry1_steps = [1, 3]
+    for t in range(5):
+        param.grad = grads[t].clone()
+        opt.step({"w": torch.tensor([True, t in entry1_steps])})
+    assert opt.state[param]["step"].tolist() == [5, 2]
+
+    for entry, steps in [(0, range(5)), (1, entry1_steps)]:
+        ref = nn.Parameter(torch.tensor([[0.5, -1.5][entry]]))
+        ref_opt = torch.optim.AdamW([ref], foreach=False, **hyper)
+        for t in steps:
+            ref.grad = grads[t, entry : entry + 1].clone()
+            ref_opt.step()
+        assert torch.equal(param.detach()[entry : entry + 1], ref.detach())
+
+
+def run_steps(
+    model: TinySupernet, opt: MaskedAdamW, ema: MaskedEMA, configs: list[SubnetConfig], seed0: int
+) -> None:
+    for i, config in enumerate(configs):
+        masked_step(model, opt, ema, config, seed=seed0 + i)
+
+
+def test_state_round_trip_through_safetensors_is_bit_exact(tmp_path: Path) -> None:
+    steps_a, steps_b = WARM_CONFIGS, [TEST_CONFIG, SubnetConfig(2, 6, 1), FULL]
+    straight = make_model()
+    opt = MaskedAdamW(straight.named_parameters(), lr=1e-2, weight_decay=0.1)
+    ema = MaskedEMA(straight.named_parameters(), decay=0.95)
+    run_steps(straight, opt, ema, steps_a, seed0=0)
+
+    # Save weights, optimizer state, EMA and hyperparameters; resume in fresh objects.
+    save_file({n: p.detach().clone() for n, p in straight.named_parameters()}, tmp_path / "model.safetensors")
+    save_file(opt.optimizer_state_tensors(), tmp_path / "optim.safetensors")
+    save_file(ema.state_dict(), tmp_path / "ema.safetensors")
+    (tmp_path / "optim.json").write_text(json.dumps(opt.hyperparameters()))
+    resumed = make_model(seed=123)
+    resumed.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    opt2 = MaskedAdamW(resumed.named_parameters())
+    opt2.load_hyperparameters(json.loads((tmp_path / "optim.json").read_text()))
+    opt2.load_optimizer_state_tensors(load_file(tmp_path / "optim.safetensors"))
+    ema2 = MaskedEMA(resumed.named_parameters(), decay=0.95)
+    ema2.load_state_dict(load_file(tmp_path / "ema.safetensors"))
+
+    run_steps(straight, opt, ema, steps_b, seed0=10)
+    run_steps(resumed, opt2, ema2, steps_b, seed0=10)
+    a, b = snapshot(straight, opt, ema), snapshot(resumed, opt2, ema2)
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert opt.hyperparameters() == opt2.hyperparameters()
+
+
+def test_torch_state_dict_round_trip_is_bit_exact() -> None:
+    straight = make_model()
+    opt = MaskedAdamW(straight.named_parameters(), lr=1e-2)
+    ema = MaskedEMA(straight.named_parameters(), warmup=False)
+    run_steps(straight, opt, ema, WARM_CONFIGS, seed0=0)
+    resumed = make_model()
+    resumed.load_state_dict(straight.state_dict())
+    opt2 = MaskedAdamW(resumed.named_parameters())
+    opt2.load_state_dict(opt.state_dict())
+    ema2 = MaskedEMA(resumed.named_parameters(), warmup=False)
+    ema2.load_state_dict(ema.state_dict())
+    run_steps(straight, opt, ema, [TEST_CONFIG, FULL], seed0=10)
+    run_steps(resumed, opt2, ema2, [TEST_CONFIG, FULL], seed0=10)
+    a, b = snapshot(straight, opt, ema), snapshot(resumed, opt2, ema2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_masked_clip_grad_norm_uses_and_scales_active_entries_only() -> None:
+    model = make_model()
+    gen = torch.Generator().manual_seed(3)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    masks = active_masks(model, TEST_CONFIG)
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    active = [before[n][m] for n, m in masks.items() if m is not None]
+    expected = torch.linalg.vector_norm(torch.cat(active))
+
+    total = masked_clip_grad_norm_(model.named_parameters(), masks, max_norm=0.5)
+    assert torch.allclose(total, expected, rtol=1e-6, atol=0)
+    coef = 0.5 / (expected + 1e-6)
+    for name, p in model.named_parameters():
+        mask = masks[name]
+        if mask is None:
+            assert torch.equal(p.grad, before[name])
+            continue
+        assert torch.equal(p.grad[~mask], before[name][~mask])
+        assert torch.allclose(p.grad[mask], before[name][mask] * coef, rtol=1e-6, atol=0)
+    assert torch.allclose(
+        masked_clip_grad_norm_(model.named_parameters(), masks, max_norm=0.5), torch.tensor(0.5)
+    )
+
+
+def test_ema_warmup_copy_to_and_bad_masks() -> None:
+    model = make_model()
+    ema = MaskedEMA(model.named_parameters(), decay=0.999)
+    old = ema.averaged_parameters()["head.bias"].clone()
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    masks = active_masks(model, FULL)
+    ema.update(model.named_parameters(), masks)
+    # First update: d = min(0.999, 1 / 10) = 0.1, so the EMA moves 90 % of the way.
+    assert torch.allclose(ema.averaged_parameters()["head.bias"], old + 0.9)
+    target = make_model(seed=5)
+    ema.copy_to(target)
+    assert all(torch.equal(p, ema.shadow[n]) for n, p in target.named_parameters())
+
+    opt = MaskedAdamW(model.named_parameters())
+    backward(model, FULL, seed=0)
+    with pytest.raises(KeyError):
+        opt.step({"nope": None})
+    with pytest.raises(ValueError):
+        opt.step({"head.bias": torch.ones(2, dtype=torch.bool)})
