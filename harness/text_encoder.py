@@ -107,8 +107,8 @@ class FrozenTextEncoder:
         if isinstance(captions, str):
             raise TextEncoderError("encode takes a list of captions, got one string; wrap it in a list")
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        if missing:
-            self._encode_uncached(missing)
+        for start in range(0, len(missing), 256):  # bounded batches for long caption lists
+            self._encode_uncached(missing[start : start + 256])
         if not captions:
             return torch.zeros(0, self.max_length, self.dim), torch.zeros(
                 0, self.max_length, dtype=torch.bool

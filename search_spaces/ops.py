@@ -133,6 +133,15 @@ class DynamicConv(nn.Module):
             else:
                 y = F.conv2d(frames, weight[:, :, 0], bias, stride=self.stride, padding=pad[1:])
             return y.reshape(b, t, -1, *y.shape[-2:]).transpose(1, 2)  # (B, C', T, H', W')
+        if kh == 1 and kw == 1 and self.stride == 1:
+            # Temporal convolution as a (kt x 1) conv2d over (T, H*W): much faster than conv3d on CPU.
+            seq = x.reshape(b, c, t, h * w)
+            if self.padding_mode != "zeros":
+                seq = F.pad(seq, (0, 0, pad[0], pad[0]), mode=self.padding_mode)
+                y = F.conv2d(seq, weight[:, :, :, :, 0], bias)
+            else:
+                y = F.conv2d(seq, weight[:, :, :, :, 0], bias, padding=(pad[0], 0))
+            return y.reshape(b, -1, t, h, w)
         if self.padding_mode != "zeros":
             x = F.pad(x, (pad[2], pad[2], pad[1], pad[1], pad[0], pad[0]), mode=self.padding_mode)
             return F.conv3d(x, weight, bias, stride=(1, self.stride, self.stride))

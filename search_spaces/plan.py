@@ -30,7 +30,7 @@ class UNetHyper:
     mid_blocks: int = 1
     mid_attentions: tuple[str, ...] = ATTENTIONS
     head_dim: int = 8
-    ff_mult: int = 2
+    ff_mult: int = 2  # feed-forward hidden width per stream channel; 0 = no feed-forward
     group_size: int = 4
     temb_mult: int = 4
     in_channels: int = 3
@@ -111,7 +111,7 @@ class UNetPlan:
         self.layers[f"{name}.res"] = Layer(f"{name}.res", full, h.group_size)
         for att in attentions:
             self.layers[f"{name}.{att}"] = Layer(f"{name}.{att}", max(1, full // h.head_dim), 1)
-        if attentions:
+        if attentions and h.ff_mult:  # ff_mult=0: no feed-forward (e.g. LVDM's attention blocks)
             self.layers[f"{name}.ff"] = Layer(f"{name}.ff", full * h.ff_mult, h.group_size)
         plan = BlockPlan(name, stream, inputs, tuple(attentions))
         droppable = (() if plan.skip_conv else ("res",)) + tuple(attentions)
@@ -149,7 +149,7 @@ class UNetPlan:
             res = ResSpec(tuple(widths[i] for i in block.inputs), widths[f"{block.name}.res"], stream,
                           block.skip_conv)
         heads = {a: widths[f"{block.name}.{a}"] if keep.get(a, True) else 0 for a in block.attentions}
-        ff = widths[f"{block.name}.ff"] if any(heads.values()) else 0
+        ff = widths.get(f"{block.name}.ff", 0) if any(heads.values()) else 0
         return BlockSpec(stream, res, ff=ff, **heads)
 
     def resolve(self, cfg: SubnetConfig) -> UNetSpec:

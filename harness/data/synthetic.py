@@ -220,12 +220,15 @@ def _render(params: _VideoParams, frames: int, size: int) -> Tensor:
     px = x - centre_x.reshape(frames, 1, 1).astype(np.float32)  # (T, 1, S)
     py = y - centre_y.reshape(frames, 1, 1).astype(np.float32)  # (T, S, 1)
     named = {name: ATTRIBUTES[name][k] for name, k in zip(ATTRIBUTES, params.labels)}
-    distance = _SDF[named["shape"]](px, py, _RADIUS[named["size"]])  # (T, S, S), image units
-    coverage = np.clip(0.5 - distance * np.float32(size / 2.0), 0.0, 1.0)  # one-pixel-wide soft edge
-    background = _background(params, x, y)  # (3, 1, S, S)
-    colour = np.array(params.colour, dtype=np.float32).reshape(3, 1, 1, 1)
-    video = background + (colour - background) * coverage[None]  # (3, T, S, S)
-    return torch.from_numpy(video * np.float32(2.0) - np.float32(1.0))
+    coverage = _SDF[named["shape"]](px, py, _RADIUS[named["size"]])  # (T, S, S) signed distance, image units
+    coverage *= np.float32(-size / 2.0)  # in pixels, positive inside
+    coverage += np.float32(0.5)
+    np.clip(coverage, 0.0, 1.0, out=coverage)  # one-pixel-wide soft edge
+    background = _background(params, x, y) * np.float32(2.0) - np.float32(1.0)  # (3, 1, S, S) in [-1, 1]
+    colour = np.array(params.colour, dtype=np.float32).reshape(3, 1, 1, 1) * np.float32(2.0) - np.float32(1.0)
+    video = np.multiply(colour - background, coverage[None])  # (3, T, S, S)
+    video += background
+    return torch.from_numpy(video)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,15 +1,72 @@
-"""Quality and cost metrics: Frechet / kernel distances (FVD, KVD) over feature sets."""
+"""Quality and cost metrics: Frechet / kernel distances (FVD, KVD) over feature sets, the FVD protocol
+and its offline feature extractor ``proxy-v1``; FLOPs (fvcore), measured latency and a latency predictor."""
 
+from harness.metrics.extractor import (
+    DEFAULT_EXTRACTOR_DIR,
+    PROXY_NAME,
+    ProxyExtractor,
+    load_extractor,
+)
+from harness.metrics.flops import (
+    GenerationStage,
+    count_flops,
+    denoiser_flops,
+    denoiser_inputs,
+    flop_analysis,
+    flops_by_operator,
+    generation_flops,
+    matmul_flops,
+)
 from harness.metrics.frechet import (
     feature_stats,
     frechet_distance,
     frechet_distance_from_stats,
     kernel_distance,
 )
+from harness.metrics.fvd import (
+    FeatureExtractor,
+    FVDProtocol,
+    FVDResult,
+    I3DFeatures,
+    ProxyFeatures,
+    evaluate_fvd,
+    real_features,
+    resolve_extractor,
+    text_alignment,
+)
+from harness.metrics.latency import LatencyResult, device_description, measure_latency
+from harness.metrics.latency_predictor import LatencyPredictor, calibration_report, subnet_features
 
 __all__ = [
+    "GenerationStage",
+    "LatencyPredictor",
+    "LatencyResult",
+    "calibration_report",
+    "count_flops",
+    "denoiser_flops",
+    "denoiser_inputs",
+    "device_description",
+    "flop_analysis",
+    "flops_by_operator",
+    "generation_flops",
+    "matmul_flops",
+    "measure_latency",
+    "subnet_features",
+    "DEFAULT_EXTRACTOR_DIR",
+    "PROXY_NAME",
+    "FVDProtocol",
+    "FVDResult",
+    "FeatureExtractor",
+    "I3DFeatures",
+    "ProxyExtractor",
+    "ProxyFeatures",
+    "evaluate_fvd",
     "feature_stats",
     "frechet_distance",
     "frechet_distance_from_stats",
     "kernel_distance",
+    "load_extractor",
+    "real_features",
+    "resolve_extractor",
+    "text_alignment",
 ]

@@ -17,6 +17,9 @@ Contract (the parts a caller relies on):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import datetime as dt
 import functools
 import importlib.metadata
@@ -406,6 +409,36 @@ class Store:
                     candidate_id=candidate_id, study_name=study_name, trial_number=trial_number
                 )
             ).one()
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        """Hold a lock named ``name`` across every process using this store while the block runs.
+
+        PostgreSQL: a session-level advisory lock on a dedicated connection. SQLite: ``flock`` on a file
+        beside the database (processes on one machine, as SQLite itself requires).
+        """
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        with self._engine.connect() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    connection.commit()
+            else:
+                # Not a database transaction: Optuna writes to the same file inside the block.
+                path = sqlite_path(self._url)
+                lock_path = f"{path}.{key & 0xFFFFFFFF:08x}.lock" if path else None
+                if lock_path is None:  # in-memory database: one process only
+                    yield
+                    return
+                with open(lock_path, "a+") as handle:
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+                    try:
+                        yield
+                    finally:
+                        fcntl.flock(handle, fcntl.LOCK_UN)
 
     def measurements_frame(self) -> pd.DataFrame:
         """One row per measurement (columns ``FRAME_COLUMNS``), joined with its candidate and supernet.

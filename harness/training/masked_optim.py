@@ -37,17 +37,27 @@ def _check_mask(name: str, param: Tensor, mask: Tensor) -> None:
         )
 
 
+_TABLES: dict[tuple[float, float, torch.device], tuple[Tensor, Tensor]] = {}
+
+
 def _bias_corrections(step: Tensor, beta1: float, beta2: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Per-entry ``1 - beta1**t`` and ``sqrt(1 - beta2**t)`` for integer counts ``t`` (same shape as ``step``).
 
     Computed in float64 and then cast, like torch's single-tensor AdamW which uses Python floats (torch's
     float64 ``pow`` can differ from Python's in the last double bit; after the cast to float32 the results
     matched for every ``t`` up to 200k checked). ``t == 0`` is clamped to 1 to keep discarded values finite.
+    The values for ``t = 0 .. max`` are tabulated once and gathered, instead of a ``pow`` per entry.
     """
-    t = step.clamp(min=1).to(torch.float64)
-    bias_correction1 = 1.0 - torch.pow(beta1, t)
-    bias_correction2_sqrt = (1.0 - torch.pow(beta2, t)).sqrt()
-    return bias_correction1, bias_correction2_sqrt.to(dtype)
+    key = (beta1, beta2, step.device)
+    needed = int(step.max()) + 1 if step.numel() else 1
+    table = _TABLES.get(key)
+    if table is None or table[0].numel() < needed:
+        t = torch.arange(max(needed, 2 * (table[0].numel() if table else 1024)), device=step.device)
+        t = t.clamp(min=1).to(torch.float64)
+        table = (1.0 - torch.pow(beta1, t), (1.0 - torch.pow(beta2, t)).sqrt())
+        _TABLES[key] = table
+    index = step.long()
+    return table[0][index], table[1][index].to(dtype)
 
 
 def _masked_adamw_update(

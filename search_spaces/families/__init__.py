@@ -1,3 +1,3 @@
 """Supernet families; importing this package registers them."""
 
-from . import pixel  # noqa: F401
+from . import latent, pixel  # noqa: F401

@@ -17,11 +17,11 @@ from ..registry import register_family
 TEMPORAL = ("temporal_self", "temporal_cross")
 
 BASE_PRESETS = {
-    # Trainable on 2 CPU cores: ~1M parameters, 12 frames, 16px (and 32px under a 60% size cap).
-    "tiny": UNetHyper(model_channels=40, channel_mult=(1, 2), num_res_blocks=1,
-                      attentions=(TEMPORAL, ATTENTIONS), mid_attentions=ATTENTIONS, head_dim=8, ff_mult=2,
+    # Trainable on 2 CPU cores: ~1M parameters, 12 frames, 16px; attention at the 8px level and the middle.
+    "tiny": UNetHyper(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                      attentions=((), ATTENTIONS), mid_attentions=ATTENTIONS, head_dim=8, ff_mult=2,
                       group_size=4, context_dim=384, context_len=8, frames=12, max_frames=16,
-                      resolutions=(16, 32), size_caps=(1.0, 0.6)),
+                      resolutions=(16,), size_caps=(1.0,)),
     # Paper scale (~1.6B parameters): 64px base of the SNED pixel chain, T5-XXL-sized text tokens.
     "paper": UNetHyper(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=3,
                        attentions=(TEMPORAL, ATTENTIONS, ATTENTIONS, ATTENTIONS), mid_blocks=2,
@@ -31,12 +31,12 @@ BASE_PRESETS = {
 }
 
 SSR_PRESETS = {
-    # Super-resolves 16->32 and 32->64 with one set of weights (64px under a 70% size cap).
-    "tiny": UNetHyper(model_channels=20, channel_mult=(1, 2, 4), num_res_blocks=1,
+    # Super-resolves 16->32 and 32->64 with one set of weights (64px under a 60% size cap).
+    "tiny": UNetHyper(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
                       attentions=((), (), TEMPORAL), mid_attentions=ATTENTIONS, head_dim=8, ff_mult=2,
                       group_size=2, context_dim=384, context_len=8, frames=12, max_frames=16,
                       in_channels=3, cond_channels=3, noise_cond=True, resolutions=(32, 64),
-                      size_caps=(1.0, 0.7)),
+                      size_caps=(1.0, 0.6)),
     # Paper scale (~428M parameters): 64->128->256, attention at the lowest level only.
     "paper": UNetHyper(model_channels=128, channel_mult=(1, 2, 4, 8), num_res_blocks=2,
                        attentions=((), (), TEMPORAL, ATTENTIONS), mid_attentions=ATTENTIONS, head_dim=64, ff_mult=4,

@@ -1,0 +1,92 @@
+"""Finding and loading models: shipped supernets, training checkpoints, extracted subnets.
+
+Everything loads through safetensors + JSON (nothing is unpickled). A *model directory* is one of:
+- a supernet saved with ``save_pretrained`` (``config.json`` kind ``supernet``), e.g. the shipped ones;
+- a training run or its ``checkpoint`` folder (EMA weights are used);
+- an extracted subnet (kind ``subnet``) written by ``harness.export``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from search_spaces import Supernet, VideoUNet, build_supernet, load_static, load_supernet
+from search_spaces.plan import UNetHyper
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+DEFAULT_BASE = RESULTS / "checkpoints" / "pixel-base-tiny"
+DEFAULT_SSR = RESULTS / "checkpoints" / "pixel-ssr-tiny"
+
+
+def _checkpoint_dir(path: Path) -> Path | None:
+    for candidate in (path, path / "checkpoint", path / "checkpoint.old"):
+        if (candidate / "ema.safetensors").is_file() and (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def load_model(path: str | Path, use_ema: bool = True) -> Supernet | VideoUNet:
+    """Load a supernet or an extracted subnet from a model directory (see module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass --checkpoint with a model directory "
+                                f"(the shipped ones are under {RESULTS / 'checkpoints'})")
+    ckpt = _checkpoint_dir(path)
+    if ckpt is not None:
+        config = json.loads((ckpt / "config.json").read_text())
+        net = build_supernet(config["family"], config["preset"], hyper=UNetHyper.from_dict(config["hyper"]))
+        weights = load_file(str(ckpt / "model.safetensors"))
+        if use_ema:
+            ema = load_file(str(ckpt / "ema.safetensors"))
+            weights.update({k[: -len(".ema")]: v for k, v in ema.items() if k.endswith(".ema")})
+        net.load_state_dict(weights)
+        net.checkpoint_dir = ckpt
+        return net.eval()
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} holds no model (no config.json); pass a model directory")
+    kind = json.loads(config_path.read_text()).get("kind")
+    model = load_supernet(path) if kind == "supernet" else load_static(path)
+    model.checkpoint_dir = path
+    return model.float().eval()
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """sha256 over a model directory's weight files (identifies a supernet in the store)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) + [path / "config.json"]:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def text_encoder_name(model) -> str:
+    """The text encoder a model was trained with (recorded beside its weights); 'minilm' by default."""
+    directory = getattr(model, "checkpoint_dir", None)
+    for name in ("training.json", "config.json"):
+        f = Path(directory) / name if directory else None
+        if f is not None and f.is_file():
+            meta = json.loads(f.read_text())
+            enc = meta.get("text_encoder_name") or meta.get("options", {}).get("text_encoder")
+            if enc:
+                return enc
+    return "minilm"
+
+
+def export_supernet(run_or_checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a training run's EMA supernet as a shippable ``save_pretrained`` directory (fp16 by default)."""
+    from search_spaces.unet import save_module
+
+    net = load_model(run_or_checkpoint)
+    meta = json.loads((net.checkpoint_dir / "training.json").read_text())
+    config = net.config_dict() | {"text_encoder_name": meta["options"]["text_encoder"],
+                                  "trained_steps": meta["step"], "text_encoder": meta["text_encoder"]}
+    save_module(net.to(dtype), out, config)
+    return Path(out)

@@ -1,0 +1,20 @@
+"""Shared CLI plumbing: bad input becomes one line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+EXPECTED = (ValueError, FileNotFoundError, PermissionError, KeyError)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted; finished work is saved (rerun the same command to resume)", file=sys.stderr)
+        sys.exit(130)
+    except EXPECTED as e:
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,151 @@
+"""Measured latency with ``torch.utils.benchmark.Timer`` (median and interquartile range, in ms).
+
+Protocol: the target is called ``warmup`` times, then timed by ``Timer.blocked_autorange`` (blocks of
+calls until ``min_run_time`` seconds have elapsed) or ``Timer.adaptive_autorange`` (until the IQR / median
+falls below ``threshold``), with an explicit ``num_threads`` (the Timer's default is 1 thread), all under
+``torch.inference_mode``. On accelerators the Timer's default timer calls ``torch.accelerator.synchronize()``
+before every reading, and warm-up is followed by an explicit synchronise, so asynchronous kernels are
+counted. Every result carries its provenance: device name, threads, torch version, dtype and input sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+Inputs = dict[str, Any] | tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """One latency measurement. Times in milliseconds per call; ``n_runs`` = calls timed in total."""
+
+    median_ms: float
+    iqr_ms: float
+    n_runs: int
+    device: str            # torch device string, e.g. "cpu", "cuda:0"
+    device_name: str       # e.g. the CPU model or torch.cuda.get_device_name
+    threads: int           # intra-op threads the Timer ran with
+    torch_version: str
+    dtype: str             # parameter dtype of the module, or "n/a" for a plain callable
+    batch: int | None      # input sizes; None when unknown (plain callable, no "sample" input)
+    frames: int | None
+    resolution: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@lru_cache(maxsize=None)
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_description(device: str | torch.device = "cpu") -> str:
+    """Human-readable device name: the CPU model (``/proc/cpuinfo``, else ``platform.processor()``) with
+    its logical CPU count, or ``torch.cuda.get_device_name`` for CUDA devices."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{_cpu_model()} ({os.cpu_count()} logical CPUs)"
+    return device.type
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type != "cpu" and torch.accelerator.is_available():
+        torch.accelerator.synchronize()
+
+
+def _sizes(inputs: Inputs) -> tuple[int | None, int | None, int | None]:
+    """``(batch, frames, resolution)`` read from a video ``sample (B, C, T, H, W)`` input, if present."""
+    sample = inputs.get("sample") if isinstance(inputs, dict) else (inputs[0] if inputs else None)
+    if isinstance(sample, torch.Tensor) and sample.dim() == 5:
+        return int(sample.shape[0]), int(sample.shape[2]), int(sample.shape[-1])
+    return None, None, None
+
+
+def _move(inputs: Inputs, device: torch.device, dtype: torch.dtype | None) -> Inputs:
+    def move(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+    if isinstance(inputs, dict):
+        return {k: move(v) for k, v in inputs.items()}
+    return tuple(move(x) for x in inputs)
+
+
+def _as_callable(target: Callable[[], Any] | nn.Module, inputs: Inputs | None, device: torch.device,
+                 dtype: torch.dtype | None) -> tuple[Callable[[], Any], str, Inputs | None]:
+    if isinstance(target, nn.Module):
+        if inputs is None:
+            raise ValueError("measuring a module needs its inputs (a dict of keyword inputs or a tuple)")
+        module = target.to(device=device, dtype=dtype).eval()
+        inputs = _move(inputs, device, dtype)
+        param = next(module.parameters(), None)
+        dtype_name = str(param.dtype).removeprefix("torch.") if param is not None else "n/a"
+        if isinstance(inputs, dict):
+            return (lambda: module(**inputs)), dtype_name, inputs
+        return (lambda: module(*inputs)), dtype_name, inputs
+    if not callable(target):
+        raise TypeError(f"target must be a callable or an nn.Module, got {type(target).__name__}")
+    if inputs is not None:
+        raise ValueError("inputs are only for an nn.Module target; close over them in the callable")
+    return target, "n/a", None
+
+
+def measure_latency(target: Callable[[], Any] | nn.Module, inputs: Inputs | None = None, *,
+                    device: str | torch.device = "cpu", threads: int | None = None,
+                    min_run_time: float = 1.0, warmup: int = 3, adaptive: bool = False,
+                    threshold: float = 0.1, max_run_time: float = 10.0, dtype: torch.dtype | None = None,
+                    label: str = "latency") -> LatencyResult:
+    """Time one call of ``target`` (a no-argument callable, or ``module(**inputs)``) on ``device``.
+
+    ``threads``: intra-op threads (``None`` = ``torch.get_num_threads()``, recorded either way).
+    ``min_run_time`` (s): minimum timed duration. ``adaptive``: use ``adaptive_autorange(threshold,
+    max_run_time=max_run_time)`` instead of ``blocked_autorange(min_run_time)``. ``dtype``: cast the
+    module's parameters and floating inputs (``None`` keeps them). A module is moved to ``device`` / ``dtype``
+    in place (``nn.Module.to``) and put in eval mode.
+    """
+    device = torch.device(device)
+    threads = torch.get_num_threads() if threads is None else int(threads)
+    if threads < 1 or min_run_time <= 0 or warmup < 0:
+        raise ValueError(f"need threads >= 1, min_run_time > 0, warmup >= 0 (got {threads}, {min_run_time}, "
+                         f"{warmup})")
+    fn, dtype_name, moved = _as_callable(target, inputs, device, dtype)
+    batch, frames, resolution = _sizes(moved) if moved is not None else (None, None, None)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
+    previous = torch.get_num_threads()
+    with torch.inference_mode():
+        torch.set_num_threads(threads)  # warm-up under the same thread count as the timed runs
+        try:
+            for _ in range(warmup):
+                fn()
+            _synchronize(device)
+        finally:
+            torch.set_num_threads(previous)
+        if adaptive:
+            m = timer.adaptive_autorange(threshold=threshold, min_run_time=min_run_time,
+                                         max_run_time=max_run_time)
+        else:
+            m = timer.blocked_autorange(min_run_time=min_run_time)
+    return LatencyResult(
+        median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3, n_runs=len(m.times) * m.number_per_run,
+        device=str(device), device_name=device_description(device), threads=threads,
+        torch_version=torch.__version__, dtype=dtype_name, batch=batch, frames=frames, resolution=resolution)

@@ -1,0 +1,239 @@
+"""Per-device latency predictor for one denoiser forward of a subnet (HAT-style regression on measured subnets).
+
+Model: ``latency_ms = c0 + sum_k w_k * x_k`` over the cost features ``x`` of ``_cost_trace.FEATURES``
+(multiply-adds of spatial / temporal convolutions, linear layers and attention; output elements of norms
+and of other ops; number of compute and view calls), read from a ``TorchFunctionMode`` trace of the
+subnet's static network on the meta device. The weights are fitted by non-negative least squares
+(``scipy.optimize.nnls``) on *relative* residuals ``(pred - y) / y`` - what MAPE measures - so every weight
+is a physical cost (ms per multiply-add, per element, per call) and the fit cannot go negative. Unlike an
+OFA lookup table, it is fitted to whole forwards, so fusion and per-call overheads are absorbed.
+
+Protocol (``LatencyPredictor.fit``): ``n_fit + n_holdout`` distinct subnets are drawn with
+``space.sample(rng, min_ratio=m, min_keep=k)`` where ``m`` and ``k`` are drawn per subnet from the ratio set
+and ``[0, 1]``, so the draws span the space from the smallest to the largest subnets (plain uniform
+per-layer draws concentrate near the middle of the range); the smallest and the largest valid subnet
+join the fit set. Each subnet is extracted and timed with ``measure_latency`` in ``rounds`` interleaved
+rounds (shuffled order, fit and held-out subnets mixed, so load drift hits both alike); its latency is
+the minimum over rounds of the per-round median (co-tenant load only ever adds time). The held-out
+subnets never enter the fit; ``calibration_report`` gives MAPE, max error and Spearman rank correlation
+on them, plus the measurement spread across rounds (the noise floor those figures sit on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import nnls
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from search_spaces import ConfigError, SubnetConfig, Supernet, VideoUNet, make_dummy_inputs
+from harness.metrics._cost_trace import FEATURES, forward_features
+from harness.metrics.latency import device_description, measure_latency
+
+FORMAT = "sned-latency-predictor/1"
+_CACHE_SIZE = 4096
+
+
+def subnet_features(net: Supernet, cfg: SubnetConfig, frames: int, batch: int,
+                    resolution: int | None = None) -> dict[str, float]:
+    """Cost features of one forward of ``cfg``'s static network on inputs ``(batch, C, frames, R, R)``
+    (``R = resolution or cfg.resolution``), traced on the meta device (no weights, no arithmetic)."""
+    spec = net.spec_for(cfg)
+    with torch.device("meta"):
+        model = VideoUNet(spec)
+    inputs = make_dummy_inputs(spec, resolution or cfg.resolution, frames, batch, seed=0, device="meta")
+    return forward_features(model, inputs)
+
+
+def calibration_report(measured_ms: Sequence[float], predicted_ms: Sequence[float]) -> dict[str, float]:
+    """Accuracy of predictions against measurements: ``n``, ``mape_pct`` (mean |pred - y| / y, in %),
+    ``max_error_pct``, ``median_error_pct`` and ``spearman`` (``scipy.stats.spearmanr`` rank correlation)."""
+    y = np.asarray(measured_ms, dtype=np.float64)
+    p = np.asarray(predicted_ms, dtype=np.float64)
+    if y.shape != p.shape or y.ndim != 1 or len(y) < 3:
+        raise ValueError(f"need two equal-length 1-D sequences of >= 3 latencies, got {y.shape} and {p.shape}")
+    if np.any(y <= 0):
+        raise ValueError("measured latencies must be positive")
+    err = np.abs(p - y) / y * 100
+    return {"n": int(len(y)), "mape_pct": float(err.mean()), "max_error_pct": float(err.max()),
+            "median_error_pct": float(np.median(err)), "spearman": float(spearmanr(p, y).statistic)}
+
+
+def fit_nnls(features: np.ndarray, latency_ms: np.ndarray) -> tuple[float, np.ndarray]:
+    """Non-negative least squares on relative residuals: minimise ``||(X w + c0) / y - 1||``.
+
+    ``features (n, k)``, ``latency_ms (n,)``; returns ``(c0, w (k,))``. Columns are scaled by their
+    maximum for conditioning; the weights are returned in original units (ms per unit of feature).
+    """
+    design = np.hstack([features, np.ones((len(features), 1))])
+    scale = np.abs(design).max(axis=0)
+    scale[scale == 0] = 1.0
+    solution, _ = nnls(design / scale / latency_ms[:, None], np.ones(len(latency_ms)))
+    weights = solution / scale
+    return float(weights[-1]), weights[:-1]
+
+
+def _draw_subnets(net: Supernet, resolution: int, count: int, rng: np.random.Generator) -> list[SubnetConfig]:
+    """``count`` distinct subnets spanning the size range (see module docstring), extremes first."""
+    space = net.space
+    anchors = [cfg for cfg in (space.smallest(resolution), space.largest(resolution)) if space.fits(cfg)]
+    out, seen = [], set()
+    for cfg in anchors:
+        out.append(cfg)
+        seen.add(cfg.key)
+    tries = 0
+    while len(out) < count:
+        tries += 1
+        if tries > 50 * count:
+            raise ConfigError(f"could not draw {count} distinct subnets at {resolution}px")
+        min_ratio = float(rng.choice(space.ratios))
+        try:
+            cfg = space.sample(rng, min_ratio=min_ratio, min_keep=float(rng.random()), resolution=resolution)
+        except ConfigError:
+            continue  # that corner of the space cannot meet this resolution's size cap
+        if cfg.key not in seen:
+            out.append(cfg)
+            seen.add(cfg.key)
+    return out
+
+
+def _measure_all(net: Supernet, cfgs: list[SubnetConfig], frames: int, batch: int, device: torch.device,
+                 threads: int, min_run_time: float, rounds: int, rng: np.random.Generator,
+                 progress: bool) -> np.ndarray:
+    """Latency ``(rounds, len(cfgs))`` in ms: per round, every subnet once, in a shuffled order."""
+    times = np.zeros((rounds, len(cfgs)))
+    with tqdm(total=rounds * len(cfgs), desc="latency", unit="subnet", disable=not progress) as bar:
+        for r in range(rounds):
+            for i in rng.permutation(len(cfgs)):
+                static = net.extract(cfgs[i]).to(device)
+                inputs = make_dummy_inputs(static.spec, cfgs[i].resolution, frames, batch, seed=0, device=device)
+                result = measure_latency(static, inputs, device=device, threads=threads,
+                                         min_run_time=min_run_time, warmup=2)
+                times[r, i] = result.median_ms
+                bar.update(1)
+    return times
+
+
+class LatencyPredictor:
+    """Linear cost model of one denoiser forward on one device (see module docstring).
+
+    ``provenance`` records where and how it was fitted (device, threads, torch version, family, preset,
+    resolution, frames, batch, counts, protocol); ``calibration`` the held-out report; ``holdout`` the
+    held-out subnets' measured and predicted latencies.
+    """
+
+    def __init__(self, intercept_ms: float, weights: dict[str, float], provenance: dict[str, Any],
+                 calibration: dict[str, float] | None = None, holdout: list[dict[str, Any]] | None = None):
+        missing = set(FEATURES) - set(weights)
+        if missing:
+            raise ValueError(f"predictor weights lack feature(s) {sorted(missing)}")
+        self.intercept_ms = float(intercept_ms)
+        self.weights = {name: float(weights[name]) for name in FEATURES}
+        self.provenance = dict(provenance)
+        self.calibration = dict(calibration or {})
+        self.holdout = list(holdout or [])
+        self._cache: dict[str, float] = {}  # cfg.key -> ms (a feature trace costs ~0.1-0.3 s on a small CPU)
+
+    # -- prediction ----------------------------------------------------------------------------------
+    def predict_features(self, features: dict[str, float]) -> float:
+        """Latency (ms) from cost features."""
+        return self.intercept_ms + sum(w * features[name] for name, w in self.weights.items())
+
+    def predict(self, net: Supernet, cfg: SubnetConfig) -> float:
+        """Predicted latency (ms) of one forward of ``cfg`` at the fitted frames / batch / resolution."""
+        prov = self.provenance
+        if (net.family, net.preset) != (prov["family"], prov["preset"]):
+            raise ValueError(f"predictor was fitted for {prov['family']}/{prov['preset']}, "
+                             f"not {net.family}/{net.preset}")
+        if cfg.resolution != prov["resolution"]:
+            raise ValueError(f"predictor was calibrated at {prov['resolution']}px; config is at "
+                             f"{cfg.resolution}px (fit one predictor per resolution)")
+        if cfg.key not in self._cache:
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.clear()
+            features = subnet_features(net, net.space.validate(cfg), prov["frames"], prov["batch"])
+            self._cache[cfg.key] = self.predict_features(features)
+        return self._cache[cfg.key]
+
+    # -- fitting -------------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, net: Supernet, resolution: int | None = None, frames: int | None = None, batch: int = 1,
+            n_fit: int = 80, n_holdout: int = 30, threads: int | None = None, seed: int = 0,
+            min_run_time: float = 0.15, rounds: int = 2, device: str | torch.device = "cpu",
+            progress: bool = True) -> "LatencyPredictor":
+        """Measure ``n_fit + n_holdout`` subnets, fit on the first ``n_fit``, report on the rest.
+
+        ``resolution`` / ``frames``: ``None`` = the supernet's default resolution / training frames.
+        ``threads``: intra-op threads for timing (``None`` = ``min(2, os.cpu_count())``).
+        ``min_run_time`` (s): timed duration per subnet per round. Weights do not change latency, so an
+        untrained supernet is as good as a trained one.
+        """
+        resolution = resolution or net.space.default_resolution
+        frames = frames or net.hyper.frames
+        threads = threads or min(2, os.cpu_count() or 1)
+        if n_fit < len(FEATURES) + 1 or n_holdout < 3 or rounds < 1 or batch < 1:
+            raise ValueError(f"need n_fit >= {len(FEATURES) + 1}, n_holdout >= 3, rounds >= 1 and batch >= 1")
+        rng = np.random.default_rng(seed)
+        cfgs = _draw_subnets(net, resolution, n_fit + n_holdout, rng)
+        device = torch.device(device)
+        times = _measure_all(net, cfgs, frames, batch, device, threads, min_run_time, rounds, rng, progress)
+        latency = times.min(axis=0)
+        features = np.array([[subnet_features(net, c, frames, batch)[n] for n in FEATURES] for c in cfgs])
+        intercept, weights = fit_nnls(features[:n_fit], latency[:n_fit])
+        provenance = {
+            "device": str(device), "device_name": device_description(device), "threads": threads,
+            "torch_version": torch.__version__, "dtype": str(net.conv_in.weight.dtype).removeprefix("torch."),
+            "family": net.family, "preset": net.preset, "resolution": resolution, "frames": frames,
+            "batch": batch, "n_fit": n_fit, "n_holdout": n_holdout, "seed": seed, "rounds": rounds,
+            "min_run_time_s": min_run_time, "latency_statistic": "min over rounds of the per-round median",
+            "model": "nnls on relative residuals: intercept + weights . features",
+        }
+        predictor = cls(intercept, dict(zip(FEATURES, weights.tolist())), provenance)
+        predicted = features[n_fit:] @ weights + intercept
+        held = times[:, n_fit:]
+        predictor.calibration = {
+            **calibration_report(latency[n_fit:], predicted),
+            "fit_mape_pct": calibration_report(latency[:n_fit], features[:n_fit] @ weights + intercept)["mape_pct"],
+            "measurement_spread_pct": float(((held.max(0) - held.min(0)) / held.min(0)).mean() * 100),
+        }
+        predictor.holdout = [{"subnet": c.to_dict(), "measured_ms": float(y), "predicted_ms": float(p)}
+                             for c, y, p in zip(cfgs[n_fit:], latency[n_fit:], predicted)]
+        return predictor
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "features": list(FEATURES), "intercept_ms": self.intercept_ms,
+                "weights": self.weights, "provenance": self.provenance, "calibration": self.calibration,
+                "holdout": self.holdout}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the predictor as JSON (parent directories created); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyPredictor":
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a latency predictor (expected \"format\": \"{FORMAT}\")")
+        if list(data["features"]) != list(FEATURES):
+            raise ValueError(f"{path} uses features {data['features']}, this version computes {list(FEATURES)}")
+        return cls(data["intercept_ms"], data["weights"], data["provenance"], data.get("calibration"),
+                   data.get("holdout"))
+
+    def __repr__(self) -> str:
+        p, c = self.provenance, self.calibration
+        cal = f", MAPE {c['mape_pct']:.1f}%, Spearman {c['spearman']:.3f}" if c else ""
+        return (f"LatencyPredictor({p.get('family')}/{p.get('preset')} {p.get('resolution')}px "
+                f"x{p.get('frames')} b{p.get('batch')} on {p.get('device_name')}, {p.get('threads')} threads{cal})")

@@ -1,0 +1,103 @@
+"""Fit and calibrate a latency predictor for one supernet family on this machine.
+
+    python -m harness.predictor --family pixel-base --preset tiny --resolution 16 \\
+        --out results/latency/pixel-base-tiny-16.json [--checkpoint DIR] [--threads 2] [--fit 80] [--holdout 30]
+
+Times ``--fit + --holdout`` random subnets (see ``harness.metrics.latency_predictor``), fits on the first
+group, prints the calibration on the held-out group (MAPE, max error, Spearman) and writes the predictor
+JSON. ``--checkpoint`` is a ``Supernet.save_pretrained`` directory; without it an untrained supernet is
+built (weights do not change latency). Without ``--out`` the JSON goes next to the checkpoint
+(``latency-<R>px.json``) or to ``results/latency/<family>-<preset>-<R>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from search_spaces import Supernet, build_supernet, load_supernet
+from harness.metrics.latency_predictor import LatencyPredictor
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness.predictor", description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", default=None, help="supernet family (default: the checkpoint's, else pixel-base)")
+    p.add_argument("--preset", default=None, help="family preset (default: the checkpoint's, else tiny)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="Supernet.save_pretrained directory")
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the family's first)")
+    p.add_argument("--frames", type=int, default=None, help="frames per video (default: the preset's)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="intra-op threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fit", type=int, default=80, help="subnets measured for fitting")
+    p.add_argument("--holdout", type=int, default=30, help="held-out subnets for the calibration report")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds per subnet")
+    p.add_argument("--min-run-time", type=float, default=0.15, help="seconds timed per subnet per round")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="predictor JSON path")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _load_net(args: argparse.Namespace) -> Supernet:
+    if args.checkpoint is None:
+        return build_supernet(args.family or "pixel-base", args.preset or "tiny")
+    net = load_supernet(args.checkpoint)
+    for name, wanted, got in (("family", args.family, net.family), ("preset", args.preset, net.preset)):
+        if wanted is not None and wanted != got:
+            raise ValueError(f"--{name} {wanted} does not match the checkpoint's {name} {got}")
+    return net
+
+
+def _out_path(args: argparse.Namespace, net: Supernet, resolution: int) -> Path:
+    if args.out is not None:
+        return args.out
+    if args.checkpoint is not None:
+        return args.checkpoint / f"latency-{resolution}px.json"
+    return Path("results/latency") / f"{net.family}-{net.preset}-{resolution}.json"
+
+
+def format_report(predictor: LatencyPredictor) -> str:
+    """The calibration as a short two-column table."""
+    p, c = predictor.provenance, predictor.calibration
+    rows = [
+        ("held-out subnets", f"{c['n']}"),
+        ("MAPE", f"{c['mape_pct']:.1f} %"),
+        ("max error", f"{c['max_error_pct']:.1f} %"),
+        ("median error", f"{c['median_error_pct']:.1f} %"),
+        ("Spearman", f"{c['spearman']:.3f}"),
+        (f"fit MAPE ({p['n_fit']} subnets)", f"{c['fit_mape_pct']:.1f} %"),
+        ("timing spread across rounds", f"{c['measurement_spread_pct']:.1f} %"),
+        ("held-out latency range", f"{min(h['measured_ms'] for h in predictor.holdout):.1f} - "
+                                   f"{max(h['measured_ms'] for h in predictor.holdout):.1f} ms"),
+    ]
+    head = (f"latency predictor {p['family']}/{p['preset']}: {p['resolution']}px x {p['frames']} frames, "
+            f"batch {p['batch']}\n{p['device_name']}, {p['threads']} threads, torch {p['torch_version']}")
+    width = max(len(k) for k, _ in rows)
+    return head + "\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        net = _load_net(args)
+        resolution = args.resolution or net.space.default_resolution
+        if resolution not in net.space.resolutions:
+            raise ValueError(f"resolution {resolution} is not one of {list(net.space.resolutions)}")
+        predictor = LatencyPredictor.fit(
+            net, resolution=resolution, frames=args.frames, batch=args.batch, n_fit=args.fit,
+            n_holdout=args.holdout, threads=args.threads, seed=args.seed, min_run_time=args.min_run_time,
+            rounds=args.rounds, device=args.device, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    path = predictor.save(_out_path(args, net, resolution))
+    print(format_report(predictor))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""``python -m harness.sample``: generate a video from a prompt with a supernet subnet or an extracted subnet.
+
+    python -m harness.sample --prompt "a large red square moving left" --resolution 32 --out red.gif
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from harness.checkpoints import DEFAULT_BASE, DEFAULT_SSR, load_model, text_encoder_name
+from harness.cli import run_cli
+from harness.pipeline import Chain, generate
+from harness.text_encoder import load_text_encoder
+from harness.video_io import save_frame_grid, save_gif
+from search_spaces import SubnetConfig, Supernet
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harness.sample", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=str(DEFAULT_BASE), help="base model directory (supernet or subnet)")
+    p.add_argument("--ssr-checkpoint", default=str(DEFAULT_SSR), help="super-resolution model directory")
+    p.add_argument("--subnet", default=None, help="JSON file of the base subnet config (default: largest)")
+    p.add_argument("--ssr-subnet", default=None, help="JSON file of the SSR subnet config (ratios reused "
+                   "at every upscaling stage; default: largest within each stage's size cap)")
+    p.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
+    p.add_argument("--resolution", type=int, default=None, help="output side in pixels (default: base's)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps per stage")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--out", default="sample.gif", help="output GIF (a PNG frame grid is written beside it)")
+    return p
+
+
+def _read_config(path: str, model) -> SubnetConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"subnet file {p} does not exist; write one with harness.export or cfg.to_json()")
+    cfg = SubnetConfig.from_json(p.read_text())
+    return model.space.validate(cfg) if isinstance(model, Supernet) else cfg
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    base = load_model(args.checkpoint)
+    resolution = args.resolution
+    base_res = (base.space.default_resolution if isinstance(base, Supernet) else base.subnet_config.resolution)
+    ssr = load_model(args.ssr_checkpoint) if resolution and resolution > base_res else None
+    chain = Chain(base, ssr, load_text_encoder(text_encoder_name(base)))
+    if args.subnet:
+        if not isinstance(base, Supernet):
+            raise ValueError("--subnet applies to a supernet checkpoint; this checkpoint is already a subnet")
+        chain.base_subnet = _read_config(args.subnet, base)
+    if args.ssr_subnet and ssr is not None:
+        cfg = _read_config(args.ssr_subnet, ssr)
+        chain.ssr_subnets = {r: ssr.space.validate(cfg.replace(resolution=r))
+                             for r in chain.stages(resolution)[1:]}
+    torch.set_grad_enabled(False)
+    video = generate(chain, args.prompt, resolution, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                     progress=True)
+    out = save_gif(video, args.out)
+    grid = save_frame_grid(video, Path(args.out).with_suffix(".png"))
+    print(f"wrote {out} and {grid}: {tuple(video.shape)} (B, C, T, H, W)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,97 @@
+"""Per-step batches for supernet training, deterministic by ``(seed, step, sample index)``.
+
+Every random choice of a step is derived from the seed and the step number alone, so a resumed run
+draws exactly what an uninterrupted one would, and K data-parallel ranks together draw exactly the
+samples of one process with the same global batch (rank r takes samples r, r+K, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness.data import resize_video
+from harness.diffusion import NUM_TRAIN_TIMESTEPS, noise_augment, train_scheduler
+
+
+def step_rng(seed: int, step: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, stream])
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 7, index]).integers(2**62)))
+
+
+class ClipSource:
+    """Clips of a dataset at any resolution: ``clip(i, R) -> (3, T, R, R)`` in [-1, 1]."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def clip(self, index: int, resolution: int) -> torch.Tensor:
+        if hasattr(self.dataset, "video_at"):
+            return self.dataset.video_at(index, resolution)
+        return resize_video(self.dataset[index]["video"], resolution)
+
+    def caption(self, index: int) -> str:
+        if hasattr(self.dataset, "caption_at"):
+            return self.dataset.caption_at(index)
+        return self.dataset[index]["caption"]
+
+
+@dataclass
+class Batch:
+    """One rank's share of a step: ``noisy``/``noise`` ``(b, 3, T, R, R)``, ``timesteps`` ``(b,)``,
+    ``context`` ``(b, L, D)`` or None with ``drop`` ``(b,)`` marking classifier-free-guidance dropout,
+    and for super-resolution ``low_res`` ``(b, 3, T, R/2, R/2)`` and ``noise_level`` ``(b,)``."""
+
+    noisy: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    context: torch.Tensor | None
+    drop: torch.Tensor
+    low_res: torch.Tensor | None = None
+    noise_level: torch.Tensor | None = None
+
+    def model_kwargs(self, null_text: torch.Tensor | None) -> dict:
+        context = self.context
+        if context is not None and null_text is not None:
+            context = torch.where(self.drop[:, None, None], null_text.expand_as(context), context)
+        kwargs = {"encoder_hidden_states": context}
+        if self.low_res is not None:
+            kwargs.update(low_res=self.low_res, noise_level=self.noise_level)
+        return kwargs
+
+
+def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolution: int, global_batch: int,
+               rank: int = 0, world: int = 1, cond_drop: float = 0.1, super_resolution: bool = False,
+               max_noise_level: float = 0.5) -> Batch:
+    indices = step_rng(seed, step, 2).integers(0, len(source), size=global_batch)
+    mine = list(range(rank, global_batch, world))
+    sched = train_scheduler()
+    clips, lows, noises, ts, drops, levels, captions = [], [], [], [], [], [], []
+    for j in mine:
+        g = sample_generator(seed, step, j)
+        clip = source.clip(int(indices[j]), resolution)
+        noises.append(torch.randn(clip.shape, generator=g))
+        ts.append(int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g)))
+        drops.append(bool(torch.rand(1, generator=g) < cond_drop))
+        captions.append(source.caption(int(indices[j])))
+        if super_resolution:
+            level = torch.rand(1, generator=g) * max_noise_level
+            low = resize_video(clip, resolution // 2)
+            lows.append(noise_augment(low[None], level, generator=g)[0])
+            levels.append(level)
+        clips.append(clip)
+    x0, noise = torch.stack(clips), torch.stack(noises)
+    timesteps = torch.tensor(ts, dtype=torch.long)
+    context = text_encoder.encode(captions) if text_encoder is not None else None
+    return Batch(noisy=sched.add_noise(x0, noise, timesteps), noise=noise, timesteps=timesteps, context=context,
+                 drop=torch.tensor(drops, dtype=torch.bool),
+                 low_res=torch.stack(lows) if super_resolution else None,
+                 noise_level=torch.cat(levels) if super_resolution else None)

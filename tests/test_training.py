@@ -1,0 +1,134 @@
+"""Algorithm 1 training: frozen-rest updates, resume bit-exactness, data parallel, warm-up, options."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.training.checkpoint import find_checkpoint, load_checkpoint
+from harness.training.loop import TrainOptions, Trainer, train, warmup_limits
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _opts(tmp_path, **kw) -> TrainOptions:
+    base = dict(family="pixel-base", preset="tiny", text_encoder="none", num_videos=8, batch=2, steps=3,
+                warmup_steps=0, checkpoint_every=1, out=str(tmp_path / "run"), lr=1e-3, weight_decay=0.01)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def _snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    out = {f"w:{k}": v.detach().clone() for k, v in trainer.net.state_dict().items()}
+    out.update({f"ema:{k}": v.clone() for k, v in trainer.ema.state_dict().items()})
+    out.update({f"opt:{k}": v.clone() for k, v in trainer.optimizer.optimizer_state_tensors().items()})
+    return out
+
+
+def test_warmup_schedule_steps_down_to_forty_percent():
+    assert warmup_limits(0, 600) == (1.0, 1.0)
+    assert warmup_limits(99, 600) == (1.0, 1.0)
+    assert warmup_limits(100, 600) == (0.9, 0.9)
+    assert warmup_limits(599, 600) == (0.5, 0.5)
+    assert warmup_limits(600, 600) == (0.4, 0.4)
+    assert warmup_limits(10**6, 600) == (0.4, 0.4)
+    floors = [warmup_limits(s, 600)[0] for s in range(0, 700, 10)]
+    assert floors == sorted(floors, reverse=True)
+
+
+@pytest.mark.parametrize("family", ["pixel-base", "pixel-ssr"])
+def test_step_leaves_every_unsampled_entry_bit_identical(tmp_path, family):
+    trainer = Trainer(_opts(tmp_path, family=family))
+    trainer.train_step()
+    trainer.train_step()  # moments are now non-zero almost everywhere
+    while True:  # a step whose subnet is strictly smaller than the supernet
+        from harness.training.loop import subnets_for_step
+
+        cfg = subnets_for_step(trainer.net, trainer.opts, trainer.step)[0]
+        if trainer.net.space.param_fraction(cfg) < 0.9:
+            break
+        trainer.step += 1
+    masks = trainer.net.active_masks(cfg)
+    before = _snapshot(trainer)
+    trainer.train_step()
+    after = _snapshot(trainer)
+    moved_inside = 0
+    for key, old in before.items():
+        kind, name = key.split(":", 1)
+        pname = name
+        for suffix in (".exp_avg_sq", ".exp_avg", ".step", ".ema_count", ".ema"):
+            if kind != "w" and pname.endswith(suffix):
+                pname = pname[: -len(suffix)]
+                break
+        mask = masks.get(pname)
+        new = after[key]
+        if mask is None:
+            assert torch.equal(old, new), f"{key}: unused by the subnet, but changed"
+            continue
+        assert torch.equal(old[~mask], new[~mask]), f"{key}: entries outside the subnet changed"
+        moved_inside += int((old[mask] != new[mask]).any())
+    assert moved_inside > 0
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = train(_opts(tmp_path / "a", steps=4), progress=False)
+    train(_opts(tmp_path / "b", steps=2), progress=False)  # "killed" after 2 steps ...
+    resumed = train(_opts(tmp_path / "b", steps=4, resume=True), progress=False)  # ... and resumed
+    assert resumed.step == 4
+    for (k, a), (_, b) in zip(straight.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert torch.equal(a, b), k
+    sa, sb = straight.optimizer.optimizer_state_tensors(), resumed.optimizer.optimizer_state_tensors()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ea, eb = straight.ema.state_dict(), resumed.ema.state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_checkpoint_survives_a_kill_during_save(tmp_path):
+    trainer = train(_opts(tmp_path, steps=1), progress=False)
+    run = Path(trainer.opts.out)
+    (run / "checkpoint").rename(run / "checkpoint.old")  # a kill between the two renames of a save
+    (run / "checkpoint.tmp").mkdir()
+    (run / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half-written")
+    found = find_checkpoint(run)
+    assert found == run / "checkpoint.old"
+    assert load_checkpoint(found)["training"]["step"] == 1
+
+
+def test_sandwich_and_inplace_distillation(tmp_path):
+    plain = Trainer(_opts(tmp_path / "p"))
+    sandwich = Trainer(_opts(tmp_path / "s", sandwich=True))
+    distill = Trainer(_opts(tmp_path / "d", sandwich=True, inplace_distill=True))
+    from harness.training.loop import subnets_for_step
+
+    subs = subnets_for_step(sandwich.net, sandwich.opts, 0)
+    assert subs[0] == sandwich.net.space.largest() and subs[1] == sandwich.net.space.smallest()
+    assert len(subnets_for_step(plain.net, plain.opts, 0)) == 1
+    s_stats, d_stats = sandwich.train_step(), distill.train_step()
+    # Same data and subnets; distillation changes only the targets of the non-largest subnets.
+    assert s_stats["Loss/train"] != d_stats["Loss/train"]
+    w_s = dict(sandwich.net.named_parameters())
+    w_d = dict(distill.net.named_parameters())
+    assert any(not torch.equal(w_s[k], w_d[k]) for k in w_s)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    common = ["--family", "pixel-base", "--text-encoder", "none", "--num-videos", "8", "--batch", "4",
+              "--steps", "2", "--warmup-steps", "0", "--checkpoint-every", "2", "--threads", "1"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                    "-m", "harness.train", *common, "--out", str(tmp_path / "ddp")], check=True, env=env,
+                   cwd=REPO, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "harness.train", *common, "--out", str(tmp_path / "one")], check=True,
+                   env=env, cwd=REPO, capture_output=True, timeout=600)
+    a = load_checkpoint(tmp_path / "ddp" / "checkpoint")
+    b = load_checkpoint(tmp_path / "one" / "checkpoint")
+    la = [h["Loss/train"] for h in a["training"]["history_tail"]]
+    lb = [h["Loss/train"] for h in b["training"]["history_tail"]]
+    assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
