@@ -42,6 +42,17 @@ class MeasureSettings:
     min_run_time: float = 0.25   # seconds per latency measurement
 
 
+def heldout_prompts(protocol) -> list[str]:
+    """Captions of the protocol's real clips: generated videos follow the same caption distribution."""
+    from harness.data import build_dataset
+    from harness.metrics.fvd import real_indices
+
+    ds = build_dataset(protocol.dataset, protocol.split, protocol.frames, protocol.resolution,
+                       seed=protocol.real_seed, num_videos=protocol.num_real)
+    caption = ds.caption_at if hasattr(ds, "caption_at") else (lambda i: ds[i]["caption"])
+    return [caption(i) for i in real_indices(protocol, len(ds))]
+
+
 class Measurer:
     """Measures candidates of one (base[, SSR]) pipeline and records everything in ``store``."""
 
@@ -206,14 +217,14 @@ class Measurer:
         extractor = self._fvd_context()
         return FVDProtocol(num_real=s.real_videos, num_fake=s.fvd_videos, frames=self.base.hyper.frames,
                            resolution=cand.resolution, extractor=extractor.name, dataset="synthetic",
-                           split="heldout", seed=s.seed, repeats=s.fvd_repeats)
+                           split="heldout", real_seed=0, seed=s.seed, repeats=s.fvd_repeats)
 
     def _quality_protocol(self, cand: Candidate) -> str:
         s = self.settings
         return f"{self._protocol(cand).name}:ddim{s.steps}:g{s.guidance:g}:seed{s.seed}"
 
     def _quality(self, cand: Candidate):
-        from harness.metrics.fvd import evaluate_fvd, heldout_prompts, text_alignment
+        from harness.metrics.fvd import evaluate_fvd, text_alignment
 
         s = self.settings
         extractor = self._fvd_context()

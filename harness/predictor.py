@@ -1,7 +1,7 @@
 """Fit and calibrate a latency predictor for one supernet family on this machine.
 
     python -m harness.predictor --family pixel-base --preset tiny --resolution 16 \\
-        --out results/latency/pixel-base-tiny-16.json [--checkpoint DIR] [--threads 2] [--fit 80] [--holdout 30]
+        --out results/latency/pixel-base-tiny-16.json [--checkpoint DIR] [--threads 1] [--fit 80] [--holdout 30]
 
 Times ``--fit + --holdout`` random subnets (see ``harness.metrics.latency_predictor``), fits on the first
 group, prints the calibration on the held-out group (MAPE, max error, Spearman) and writes the predictor
@@ -13,7 +13,6 @@ built (weights do not change latency). Without ``--out`` the JSON goes next to t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the family's first)")
     p.add_argument("--frames", type=int, default=None, help="frames per video (default: the preset's)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="intra-op threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (default 1: robust on a shared machine; use 2+ on a quiet one)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--fit", type=int, default=80, help="subnets measured for fitting")
     p.add_argument("--holdout", type=int, default=30, help="held-out subnets for the calibration report")

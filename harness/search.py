@@ -157,7 +157,7 @@ class Heartbeat:
             self.storage.record_heartbeat(self.trial_id)
 
     def __enter__(self):
-        if self.trial_id is not None and self.storage.is_heartbeat_enabled():
+        if self.trial_id is not None and self.storage.get_heartbeat_interval() is not None:
             self.storage.record_heartbeat(self.trial_id)
             self._thread.start()
         return self
@@ -182,17 +182,20 @@ def main(argv=None) -> None:
         else None
     settings = MeasureSettings(steps=args.steps, fvd_videos=args.fvd_videos, fvd_weights=args.fvd_weights,
                                latency=args.latency, threads=args.threads, device=args.device, seed=args.seed)
-    if args.fvd_weights and not Path(args.fvd_weights).is_file():
-        raise FileNotFoundError(f"--fvd-weights {args.fvd_weights} does not exist; pass the I3D weights file")
     encoding = CandidateEncoding(base.space, ssr.space if ssr else None, resolution, base.space.default_resolution)
     smallest = Candidate(base.space.smallest(),
                          ssr.space.smallest(resolution) if ssr is not None else None)
+
+    from harness.metrics.fvd import resolve_extractor
+
+    extractor = resolve_extractor(args.fvd_weights)  # fails here, before anything is written
 
     # Only now is anything written: the store, then the study.
     store = Store.open(url)
     predictors = load_predictors(base, ssr) if args.latency == "predicted" else None
     measurer = Measurer(base, ssr, text, settings, store, worker=f"{socket.gethostname()}:{os.getpid()}",
                         predictors=predictors)
+    measurer._fvd = extractor
     check_feasible(measurer, smallest, args)
     storage = optuna_storage(url, heartbeat_interval=None if url.startswith("sqlite") else 10,
                              grace_period=None if url.startswith("sqlite") else 60)

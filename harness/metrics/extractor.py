@@ -20,8 +20,10 @@ Architecture (``ProxyConfig`` defaults), input ``(B, 3, T, 32, 32)``:
     global average pool over (T, H, W)     -> (B, 128)   <- the feature (``extract``)
     one linear head per attribute          -> (B, classes)
 
-Each conv is followed by GroupNorm(8) and SiLU; GroupNorm is per sample, so features do not depend on
-the batch. The temporal receptive field of the last layer is 11 frames (3, 5, 7, 11), so a shape's
+Each conv is followed by BatchNorm3d and SiLU. Batch norm (as in I3D), not a per-sample norm: at
+inference it applies fixed running statistics, so features do not depend on the batch and keep the
+absolute activation energy that noise and blur change (a per-sample GroupNorm normalised that away
+and made FVD blind to noise). The temporal receptive field of the last layer is 11 frames (3, 5, 7, 11), so a shape's
 motion over the clip is visible to every output unit. The feature is the penultimate layer: the
 globally pooled 128-d output of the last conv block, the input of the linear heads.
 
@@ -63,7 +65,6 @@ class ProxyConfig:
     channels: tuple[int, ...] = (24, 48, 96, 128)  # output channels of the conv layers
     temporal_strides: tuple[int, ...] = (1, 1, 2, 1)  # time stride of each conv layer
     spatial_strides: tuple[int, ...] = (2, 2, 2, 1)  # height / width stride of each conv layer
-    groups: int = 8  # GroupNorm groups
     resolution: int = 32  # every frame is resized to resolution x resolution
     classes: dict[str, int] = field(default_factory=lambda: {k: len(v) for k, v in ATTRIBUTES.items()})
 
@@ -121,7 +122,7 @@ class ProxyVideoNet(nn.Module):
                 nn.Conv3d(
                     in_channels, out_channels, 3, (t_stride, s_stride, s_stride), padding=1, bias=False
                 ),
-                nn.GroupNorm(config.groups, out_channels),
+                nn.BatchNorm3d(out_channels),
                 nn.SiLU(),
             ]
             in_channels = out_channels
@@ -210,6 +211,7 @@ def _replace_atomically(destination: Path, write: Any) -> None:
     os.close(handle)
     try:
         write(temp_name)
+        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; shipped files are world-readable
         os.replace(temp_name, destination)
     finally:
         if os.path.exists(temp_name):
@@ -217,8 +219,11 @@ def _replace_atomically(destination: Path, write: Any) -> None:
 
 
 def half_precision_state(network: nn.Module) -> dict[str, torch.Tensor]:
-    """The network's state dict as contiguous float16 CPU tensors (the stored form)."""
-    return {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in network.state_dict().items()}
+    """The network's state dict on the CPU, floating tensors as float16 (the stored form)."""
+    return {
+        k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in network.state_dict().items()
+    }
 
 
 def save_extractor(
@@ -269,6 +274,6 @@ def load_extractor(
             f"{weights_path} has sha256 {actual}, but {meta_path.name} records {metadata.get('weights_sha256')}"
         )
     network = ProxyVideoNet(ProxyConfig.from_dict(metadata["config"]))
-    state = {k: v.float() for k, v in load_file(str(weights_path)).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights_path)).items()}
     network.load_state_dict(state, strict=True)
     return ProxyExtractor(network, metadata).to(device)

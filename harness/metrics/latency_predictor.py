@@ -22,7 +22,6 @@ on them, plus the measurement spread across rounds (the noise floor those figure
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -165,27 +164,30 @@ class LatencyPredictor:
     # -- fitting -------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, net: Supernet, resolution: int | None = None, frames: int | None = None, batch: int = 1,
-            n_fit: int = 80, n_holdout: int = 30, threads: int | None = None, seed: int = 0,
+            n_fit: int = 80, n_holdout: int = 30, threads: int = 1, seed: int = 0,
             min_run_time: float = 0.15, rounds: int = 2, device: str | torch.device = "cpu",
             progress: bool = True) -> "LatencyPredictor":
         """Measure ``n_fit + n_holdout`` subnets, fit on the first ``n_fit``, report on the rest.
 
         ``resolution`` / ``frames``: ``None`` = the supernet's default resolution / training frames.
-        ``threads``: intra-op threads for timing (``None`` = ``min(2, os.cpu_count())``).
+        ``threads``: intra-op threads for timing. The default is 1: on a shared, oversubscribed machine a
+        multi-threaded forward waits on the scheduler at every parallel region (here, with other jobs
+        running, a ~40 ms forward took 3-12 s at 2 threads); fit with more threads on a quiet machine.
         ``min_run_time`` (s): timed duration per subnet per round. Weights do not change latency, so an
         untrained supernet is as good as a trained one.
         """
         resolution = resolution or net.space.default_resolution
         frames = frames or net.hyper.frames
-        threads = threads or min(2, os.cpu_count() or 1)
-        if n_fit < len(FEATURES) + 1 or n_holdout < 3 or rounds < 1 or batch < 1:
-            raise ValueError(f"need n_fit >= {len(FEATURES) + 1}, n_holdout >= 3, rounds >= 1 and batch >= 1")
+        if threads < 1 or n_fit < len(FEATURES) + 1 or n_holdout < 3 or rounds < 1 or batch < 1:
+            raise ValueError(f"need threads >= 1, n_fit >= {len(FEATURES) + 1}, n_holdout >= 3, rounds >= 1, "
+                             "batch >= 1")
         rng = np.random.default_rng(seed)
         cfgs = _draw_subnets(net, resolution, n_fit + n_holdout, rng)
         device = torch.device(device)
         times = _measure_all(net, cfgs, frames, batch, device, threads, min_run_time, rounds, rng, progress)
         latency = times.min(axis=0)
-        features = np.array([[subnet_features(net, c, frames, batch)[n] for n in FEATURES] for c in cfgs])
+        traced = [subnet_features(net, c, frames, batch) for c in cfgs]
+        features = np.array([[f[name] for name in FEATURES] for f in traced])  # (n_fit + n_holdout, k)
         intercept, weights = fit_nnls(features[:n_fit], latency[:n_fit])
         provenance = {
             "device": str(device), "device_name": device_description(device), "threads": threads,
@@ -196,16 +198,24 @@ class LatencyPredictor:
             "model": "nnls on relative residuals: intercept + weights . features",
         }
         predictor = cls(intercept, dict(zip(FEATURES, weights.tolist())), provenance)
-        predicted = features[n_fit:] @ weights + intercept
+        predictor._calibrate(cfgs, features, times, n_fit)
+        return predictor
+
+    def _calibrate(self, cfgs: list[SubnetConfig], features: np.ndarray, times: np.ndarray, n_fit: int) -> None:
+        """Fill ``calibration`` and ``holdout`` from features ``(n, k)`` and timings ``(rounds, n)``; the
+        first ``n_fit`` subnets were fitted on, the rest are held out."""
+        weights = np.array([self.weights[name] for name in FEATURES])
+        predicted = features @ weights + self.intercept_ms
+        latency = times.min(axis=0)
         held = times[:, n_fit:]
-        predictor.calibration = {
-            **calibration_report(latency[n_fit:], predicted),
-            "fit_mape_pct": calibration_report(latency[:n_fit], features[:n_fit] @ weights + intercept)["mape_pct"],
+        self.calibration = {
+            **calibration_report(latency[n_fit:], predicted[n_fit:]),
+            "fit_mape_pct": calibration_report(latency[:n_fit], predicted[:n_fit])["mape_pct"],
+            # Mean (max - min) / min over rounds of the held-out timings: the noise floor, in %.
             "measurement_spread_pct": float(((held.max(0) - held.min(0)) / held.min(0)).mean() * 100),
         }
-        predictor.holdout = [{"subnet": c.to_dict(), "measured_ms": float(y), "predicted_ms": float(p)}
-                             for c, y, p in zip(cfgs[n_fit:], latency[n_fit:], predicted)]
-        return predictor
+        self.holdout = [{"subnet": c.to_dict(), "measured_ms": float(y), "predicted_ms": float(p)}
+                        for c, y, p in zip(cfgs[n_fit:], latency[n_fit:], predicted[n_fit:])]
 
     # -- persistence ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -222,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with open(out / "train_log.jsonl", "w", encoding="utf-8") as log:
         network = train(args, train_set, heldout, log)
         # Round to the stored float16 weights, then measure what ships.
-        network.load_state_dict({k: v.float() for k, v in half_precision_state(network).items()})
+        network.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in half_precision_state(network).items()}
+        )
         accuracy = evaluate(network.eval(), heldout)
         _log(
             log,

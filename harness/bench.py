@@ -1,0 +1,202 @@
+"""``python -m harness.bench``: the regression suite, gated against ``results/baselines/bench.json``.
+
+Deterministic figures (parameters, FLOPs, offline-extractor FVD at fixed seeds) are gated exactly or
+tightly. Speed figures are gated only as ratios measured in this same run (sliced / static latency,
+supernet / static training step, 100% / 40% speedup, predictor error), with bands wide enough for a noisy
+shared machine. Prints a table (metric, baseline, current, tolerance, verdict), writes a JSON report, and
+exits non-zero on a regression. ``--update`` rewrites the baselines deliberately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.checkpoints import DEFAULT_BASE, RESULTS, load_model
+from harness.cli import run_cli
+from harness.metrics.flops import denoiser_flops
+from harness.metrics.latency import device_description, measure_latency
+from harness.training.masked_optim import MaskedAdamW
+from search_spaces import build_supernet
+
+BASELINES = RESULTS / "baselines" / "bench.json"
+GROUPS = ("counts", "latency", "training", "quality")
+
+
+# -- figures -----------------------------------------------------------------------------------------
+def _named_subnets(net):
+    space = net.space
+    out = {"largest": space.largest(), "smallest": space.smallest()}
+    out.update({f"p{int(f * 100)}": space.subnet_at_fraction(f) for f in (0.4, 0.6, 0.8)})
+    return out
+
+
+def counts() -> dict[str, tuple[float, str, float]]:
+    """Exact parameter and FLOP counts of fixed subnets (1 multiply-add = 1 FLOP, batch 1, 12 frames)."""
+    out = {}
+    for family in ("pixel-base", "pixel-ssr"):
+        net = build_supernet(family, "tiny")
+        for name, cfg in _named_subnets(net).items():
+            out[f"{family}/{name}/params"] = (net.count_params(cfg), "exact", 0.0)
+            out[f"{family}/{name}/flops"] = (denoiser_flops(net, cfg, batch=1), "exact", 0.0)
+    return out
+
+
+def _latency_pair(net, cfg, threads: int, min_run_time: float) -> tuple[float, float]:
+    inputs = net.dummy_inputs(cfg, batch_size=2)
+    static = net.extract(cfg).eval()
+    sliced = measure_latency(lambda: net(**inputs, subnet=cfg), threads=threads, min_run_time=min_run_time)
+    fixed = measure_latency(static, inputs, threads=threads, min_run_time=min_run_time)
+    return sliced.median_ms, fixed.median_ms
+
+
+def latency(threads: int, n_configs: int = 10, min_run_time: float = 0.3) -> dict:
+    """Sliced supernet / extracted static latency (one forward, CFG batch of 2) over random configs, and
+    the 100% / 40% subnet speedup — ratios measured in this run."""
+    net = build_supernet("pixel-base", "tiny").eval()
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(n_configs):
+        sliced, static = _latency_pair(net, net.space.sample(rng), threads, min_run_time)
+        ratios.append(sliced / static)
+    big = measure_latency(net.extract(net.space.largest()), net.dummy_inputs(None, 2), threads=threads,
+                          min_run_time=min_run_time).median_ms
+    small_cfg = net.space.subnet_at_fraction(0.4)
+    small = measure_latency(net.extract(small_cfg), net.dummy_inputs(small_cfg, 2), threads=threads,
+                            min_run_time=min_run_time).median_ms
+    q1, q3 = np.percentile(ratios, [25, 75])
+    return {"latency/sliced_over_static_median": (statistics.median(ratios), "max", 1.25),
+            "latency/sliced_over_static_iqr": (float(q3 - q1), "info", 0.0),
+            "latency/speedup_100_over_40": (big / small, "min", 1.2)}
+
+
+def _train_step_time(model, forward, params, masks, repeats: int = 3) -> float:
+    opt = MaskedAdamW(params, lr=1e-4) if masks is not None else torch.optim.AdamW([p for _, p in params], lr=1e-4)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        forward().square().mean().backward()
+        opt.step(masks(model)) if masks is not None else opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def training(threads: int, n_configs: int = 6, batch: int = 4) -> dict:
+    """Training step (forward + backward + update) of the supernet at a sampled config with the masked
+    optimizer, over the same step of the extracted static subnet with AdamW; median over configs."""
+    torch.set_num_threads(threads)
+    net = build_supernet("pixel-base", "tiny")
+    rng = np.random.default_rng(1)
+    ratios = []
+    for _ in range(n_configs):
+        cfg = net.space.sample(rng)
+        inputs = net.dummy_inputs(cfg, batch_size=batch)
+        static = net.extract(cfg)
+        t_super = _train_step_time(net, lambda: net(**inputs, subnet=cfg), list(net.named_parameters()),
+                                   lambda m: m.active_masks(cfg))
+        t_static = _train_step_time(static, lambda: static(**inputs), list(static.named_parameters()), None)
+        ratios.append(t_super / t_static)
+    return {"training/super_over_static_step_median": (statistics.median(ratios), "max", 1.35)}
+
+
+def quality() -> dict:
+    """Offline-extractor FVD of the shipped supernet's largest and 40% subnets at fixed seeds."""
+    from harness.measure import MeasureSettings, Measurer
+    from harness.candidates import Candidate
+    from harness.store import Store
+    from harness.text_encoder import load_text_encoder
+    import tempfile
+
+    base = load_model(DEFAULT_BASE)
+    text = load_text_encoder("minilm", max_length=base.spec.context_len)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.open(f"sqlite:///{tmp}/bench.db")
+        m = Measurer(base, None, text, MeasureSettings(fvd_videos=16, real_videos=128, steps=8, seed=0), store)
+        for name, cfg in (("largest", base.space.largest()), ("p40", base.space.subnet_at_fraction(0.4))):
+            values = m.measure(Candidate(cfg), ["fvd", "kvd"])
+            out[f"quality/{name}/fvd16_proxy"] = (values["fvd"], "rel", 0.05)
+        store.close()
+    return out
+
+
+# -- gating ------------------------------------------------------------------------------------------
+def verdict(kind: str, tol: float, baseline: float | None, current: float) -> str:
+    if kind == "info":
+        return "info"
+    if kind == "max":
+        return "ok" if current <= tol else "REGRESSION"
+    if kind == "min":
+        return "ok" if current >= tol else "REGRESSION"
+    if baseline is None:
+        return "NEW (no baseline)"
+    if kind == "exact":
+        return "ok" if current == baseline else "REGRESSION"
+    return "ok" if abs(current - baseline) <= tol * abs(baseline) else "REGRESSION"
+
+
+def tolerance_text(kind: str, tol: float) -> str:
+    return {"exact": "exact", "rel": f"±{tol:.0%}", "max": f"<= {tol:g}", "min": f">= {tol:g}",
+            "info": "-"}[kind]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--baselines", default=str(BASELINES), help="baseline JSON to gate against")
+    p.add_argument("--update", action="store_true", help="rewrite the baselines with this run's figures")
+    p.add_argument("--only", action="append", choices=GROUPS, help="run only these groups (repeatable)")
+    p.add_argument("--report", default=str(RESULTS / "bench-report.json"), help="JSON report path")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for timings")
+    args = p.parse_args(argv)
+    groups = args.only or list(GROUPS)
+    if "quality" in groups and not (DEFAULT_BASE / "config.json").is_file():
+        raise FileNotFoundError(f"the quality group needs the shipped supernet at {DEFAULT_BASE}")
+    torch.set_num_threads(args.threads)
+    figures: dict = {}
+    runners = {"counts": counts, "latency": lambda: latency(args.threads),
+               "training": lambda: training(args.threads), "quality": quality}
+    for g in groups:
+        figures.update(runners[g]())
+    path = Path(args.baselines)
+    baselines = json.loads(path.read_text()) if path.is_file() else {}
+    rows, failed = [], False
+    for name, (value, kind, tol) in figures.items():
+        base = baselines.get(name, {}).get("value")
+        v = verdict(kind, tol, base, float(value))
+        failed |= v == "REGRESSION"
+        rows.append({"metric": name, "baseline": base, "current": float(value), "tolerance": tolerance_text(kind, tol),
+                     "verdict": v})
+    width = max(len(r["metric"]) for r in rows)
+    print(f"{'metric':<{width}}  {'baseline':>14}  {'current':>14}  {'tolerance':>10}  verdict")
+    for r in rows:
+        b = "-" if r["baseline"] is None else f"{r['baseline']:.6g}"
+        print(f"{r['metric']:<{width}}  {b:>14}  {r['current']:>14.6g}  {r['tolerance']:>10}  {r['verdict']}")
+    report = {"device": device_description("cpu"), "threads": args.threads, "torch": torch.__version__,
+              "rows": rows, "regression": failed}
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text(json.dumps(report, indent=1))
+    if args.update:
+        baselines.update({r["metric"]: {"value": r["current"], "tolerance": r["tolerance"]} for r in rows})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(baselines, indent=1, sort_keys=True))
+        tmp.replace(path)
+        print(f"baselines updated: {path}")
+        return
+    if failed:
+        bad = [r["metric"] for r in rows if r["verdict"] == "REGRESSION"]
+        print(f"REGRESSION in {len(bad)} figure(s): {', '.join(bad)}", file=sys.stderr)
+        sys.exit(1)
+    print(f"no regression ({len(rows)} figures); report at {args.report}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
