@@ -57,12 +57,17 @@ class Measurer:
     """Measures candidates of one (base[, SSR]) pipeline and records everything in ``store``."""
 
     def __init__(self, base: Supernet, ssr: Supernet | None, text_encoder, settings: MeasureSettings,
-                 store: Store, worker: str = "main", predictors: dict | None = None):
+                 store: Store | None, worker: str = "main", predictors: dict | None = None):
+        """``store=None`` gives a probe that can compute figures but records nothing."""
         self.base, self.ssr, self.text, self.settings, self.store = base, ssr, text_encoder, settings, store
         self.worker = worker
         self.device_name = device_description(settings.device)
         self.predictors = predictors or {}
         self._fvd = None
+        self.supernet_id = self._supernet_row() if store is not None else None
+
+    def _supernet_row(self) -> int:
+        base, ssr = self.base, self.ssr
         digest = checkpoint_hash(base.checkpoint_dir)
         meta = {"base": {"family": base.family, "preset": base.preset, "sha256": digest,
                          "total_params": base.space.total_params}}
@@ -71,9 +76,8 @@ class Measurer:
             digest = f"chain:{digest[:32]}{ssr_digest[:32]}"
             meta["ssr"] = {"family": ssr.family, "preset": ssr.preset, "sha256": ssr_digest,
                            "total_params": ssr.space.total_params}
-        row = store.get_or_create_supernet(digest, base.family if ssr is None else f"{base.family}+{ssr.family}",
-                                           base.preset, meta)
-        self.supernet_id = row.id
+        family = base.family if ssr is None else f"{base.family}+{ssr.family}"
+        return self.store.get_or_create_supernet(digest, family, base.preset, meta).id
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def candidate_id(self, cand: Candidate) -> int:

@@ -1,7 +1,8 @@
 """Fit and calibrate a latency predictor for one supernet family on this machine.
 
     python -m harness.predictor --family pixel-base --preset tiny --resolution 16 \\
-        --out results/latency/pixel-base-tiny-16.json [--checkpoint DIR] [--threads 1] [--fit 80] [--holdout 30]
+        --out results/latency/pixel-base-tiny-16.json [--checkpoint DIR] [--threads 1] [--fit 80] \\
+        [--holdout 30] [--clock wall|process]
 
 Times ``--fit + --holdout`` random subnets (see ``harness.metrics.latency_predictor``), fits on the first
 group, prints the calibration on the held-out group (MAPE, max error, Spearman) and writes the predictor
@@ -16,13 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from search_spaces import Supernet, build_supernet, load_supernet
 from harness.metrics.latency_predictor import LatencyPredictor
+from search_spaces import Supernet, build_supernet, load_supernet
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness.predictor", description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", default=None, help="supernet family (default: the checkpoint's, else pixel-base)")
+    p.add_argument("--family", default=None,
+                   help="supernet family (default: the checkpoint's, else pixel-base)")
     p.add_argument("--preset", default=None, help="family preset (default: the checkpoint's, else tiny)")
     p.add_argument("--checkpoint", type=Path, default=None, help="Supernet.save_pretrained directory")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the family's first)")
@@ -33,8 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--fit", type=int, default=80, help="subnets measured for fitting")
     p.add_argument("--holdout", type=int, default=30, help="held-out subnets for the calibration report")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds per subnet")
-    p.add_argument("--min-run-time", type=float, default=0.15, help="seconds timed per subnet per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per subnet")
+    p.add_argument("--min-run-time", type=float, default=0.1, help="seconds timed per subnet per round")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="wall-clock latency, or CPU time of the process (contention-robust, CPU only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="predictor JSON path")
     p.add_argument("--no-progress", action="store_true")
@@ -70,11 +74,15 @@ def format_report(predictor: LatencyPredictor) -> str:
         ("Spearman", f"{c['spearman']:.3f}"),
         (f"fit MAPE ({p['n_fit']} subnets)", f"{c['fit_mape_pct']:.1f} %"),
         ("timing spread across rounds", f"{c['measurement_spread_pct']:.1f} %"),
-        ("held-out latency range", f"{min(h['measured_ms'] for h in predictor.holdout):.1f} - "
-                                   f"{max(h['measured_ms'] for h in predictor.holdout):.1f} ms"),
     ]
+    if "repeat_mape_pct" in c:
+        rows += [("repeat timing MAPE (noise)", f"{c['repeat_mape_pct']:.1f} %"),
+                 ("repeat timing Spearman", f"{c['repeat_spearman']:.3f}")]
+    measured = [h["measured_ms"] for h in predictor.holdout]
+    rows.append(("held-out latency range", f"{min(measured):.1f} - {max(measured):.1f} ms"))
     head = (f"latency predictor {p['family']}/{p['preset']}: {p['resolution']}px x {p['frames']} frames, "
-            f"batch {p['batch']}\n{p['device_name']}, {p['threads']} threads, torch {p['torch_version']}")
+            f"batch {p['batch']}\n{p['device_name']}, {p['threads']} thread(s), "
+            f"{p.get('clock', 'wall')} clock, torch {p['torch_version']}")
     width = max(len(k) for k, _ in rows)
     return head + "\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = LatencyPredictor.fit(
             net, resolution=resolution, frames=args.frames, batch=args.batch, n_fit=args.fit,
             n_holdout=args.holdout, threads=args.threads, seed=args.seed, min_run_time=args.min_run_time,
-            rounds=args.rounds, device=args.device, progress=not args.no_progress)
+            rounds=args.rounds, clock=args.clock, device=args.device, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

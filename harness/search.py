@@ -190,13 +190,14 @@ def main(argv=None) -> None:
 
     extractor = resolve_extractor(args.fvd_weights)  # fails here, before anything is written
 
+    predictors = load_predictors(base, ssr) if args.latency == "predicted" else None
+    check_feasible(Measurer(base, ssr, text, settings, None, predictors=predictors), smallest, args)
+
     # Only now is anything written: the store, then the study.
     store = Store.open(url)
-    predictors = load_predictors(base, ssr) if args.latency == "predicted" else None
     measurer = Measurer(base, ssr, text, settings, store, worker=f"{socket.gethostname()}:{os.getpid()}",
                         predictors=predictors)
     measurer._fvd = extractor
-    check_feasible(measurer, smallest, args)
     storage = optuna_storage(url, heartbeat_interval=None if url.startswith("sqlite") else 10,
                              grace_period=None if url.startswith("sqlite") else 60)
     name = args.study or default_study_name(base, resolution, objectives, args.searcher, args.seed)

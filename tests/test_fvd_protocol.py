@@ -1,7 +1,7 @@
 """FVD / KVD protocol with the shipped offline extractor ``proxy-v1`` (results/extractor/proxy-v1).
 
-Sanity properties on real synthetic clips at 16 px, 12 frames: two disjoint samples of one
-distribution are close; Gaussian noise, blur and frame shuffling push FVD / KVD up monotonically.
+Sanity properties on real synthetic clips at 16 px, 12 frames: two disjoint samples of 128 clips of
+one distribution are close; Gaussian noise, blur and frame shuffling push FVD / KVD up monotonically.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from harness.metrics import (
     text_alignment,
 )
 
-FRAMES, RESOLUTION, HALF = 12, 16, 64
+FRAMES, RESOLUTION = 12, 16
+HALF, EXTRA = 128, 64  # clips per compared set; further clips for the accuracy test
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,9 @@ def extractor() -> ProxyFeatures:
 
 @pytest.fixture(scope="module")
 def heldout() -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor]]:
-    """192 heldout clips ``(192, 3, 12, 16, 16)``, their captions and labels."""
-    dataset = SyntheticVideos("heldout", num_videos=3 * HALF, frames=FRAMES, resolution=RESOLUTION, seed=0)
+    """320 heldout clips ``(320, 3, 12, 16, 16)``, their captions and labels."""
+    num_videos = 2 * HALF + EXTRA
+    dataset = SyntheticVideos("heldout", num_videos=num_videos, frames=FRAMES, resolution=RESOLUTION, seed=0)
     items = [dataset[i] for i in range(len(dataset))]
     videos = torch.stack([item["video"] for item in items])
     labels = {name: torch.tensor([item["labels"][name] for item in items]) for name in ATTRIBUTES}
@@ -50,12 +52,12 @@ def heldout() -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def reference(extractor: ProxyFeatures, heldout: tuple) -> torch.Tensor:
-    """Features of the first 64 heldout clips (the 'real' set)."""
+    """Features of the first 128 heldout clips (the 'real' set)."""
     return extractor.extract(heldout[0][:HALF])
 
 
 def _sample_b(heldout: tuple) -> torch.Tensor:
-    """The second, disjoint 64 clips: an independent sample of the same distribution."""
+    """The second, disjoint 128 clips: an independent sample of the same distribution."""
     return heldout[0][HALF : 2 * HALF]
 
 
@@ -100,11 +102,11 @@ def test_shipped_extractor_files_and_metadata() -> None:
 
 def test_heldout_attribute_accuracy(extractor: ProxyFeatures, heldout: tuple) -> None:
     videos, _, labels = heldout
-    rows = slice(2 * HALF, 3 * HALF)  # 64 clips not used elsewhere in this file
+    rows = slice(2 * HALF, 2 * HALF + EXTRA)  # 64 clips not used elsewhere in this file
     predicted = extractor.predict_attributes(videos[rows])
     accuracy = {k: float((predicted[k] == labels[k][rows]).float().mean()) for k in ATTRIBUTES}
     assert accuracy["colour"] >= 0.9 and accuracy["direction"] >= 0.9 and accuracy["size"] >= 0.85, accuracy
-    assert accuracy["shape"] >= 0.5, accuracy
+    assert accuracy["shape"] >= 0.8, accuracy
 
 
 def test_extract_shape_and_batch_independence(
@@ -139,12 +141,12 @@ def test_noise_raises_fvd_and_kvd_monotonically(
     noise = torch.randn(clean.shape, generator=generator)
     results = [_distances(extractor, reference, clean)]
     results += [
-        _distances(extractor, reference, (clean + std * noise).clamp(-1, 1)) for std in (0.1, 0.2, 0.4)
+        _distances(extractor, reference, (clean + std * noise).clamp(-1, 1)) for std in (0.15, 0.3, 0.6)
     ]
     fvds, kvds = [r[0] for r in results], [r[1] for r in results]
     assert _increasing(fvds), fvds
     assert _increasing(kvds), kvds
-    assert fvds[-1] > 3 * fvds[0], fvds
+    assert fvds[-1] > 5 * fvds[0], fvds
 
 
 def test_blur_raises_fvd_and_kvd_monotonically(
@@ -156,7 +158,7 @@ def test_blur_raises_fvd_and_kvd_monotonically(
     fvds, kvds = [r[0] for r in results], [r[1] for r in results]
     assert _increasing(fvds), fvds
     assert _increasing(kvds), kvds
-    assert fvds[-1] > 3 * fvds[0], fvds
+    assert fvds[-1] > 5 * fvds[0], fvds
 
 
 def test_frame_shuffling_raises_fvd(
@@ -170,7 +172,7 @@ def test_frame_shuffling_raises_fvd(
     shuffled = torch.stack([video[:, frames] for video, frames in zip(clean, order)])
     fvd_clean, kvd_clean = _distances(extractor, reference, clean)
     fvd_shuffled, kvd_shuffled = _distances(extractor, reference, shuffled)
-    assert fvd_shuffled > 2 * fvd_clean, (fvd_clean, fvd_shuffled)
+    assert fvd_shuffled > 5 * fvd_clean, (fvd_clean, fvd_shuffled)
     assert kvd_shuffled > kvd_clean, (kvd_clean, kvd_shuffled)
 
 
@@ -247,7 +249,7 @@ def test_evaluate_fvd_repeats_and_record(extractor: ProxyFeatures, tmp_path) -> 
 
 def test_text_alignment(extractor: ProxyFeatures, heldout: tuple) -> None:
     videos, captions, _ = heldout
-    videos, captions = videos[:HALF], captions[:HALF]
+    videos, captions = videos[:64], captions[:64]
     aligned = text_alignment(videos, captions, extractor)
     shuffled = text_alignment(videos, captions[1:] + captions[:1], extractor)
     assert aligned > 0.8 and shuffled < aligned - 0.2, (aligned, shuffled)

@@ -33,11 +33,12 @@ def test_measure_latency_module_has_provenance(tiny_nets):
     assert json.loads(json.dumps(result.to_dict()))["median_ms"] == result.median_ms
 
 
-def test_measure_latency_callable():
+def test_measure_latency_callable_and_process_clock():
     x = torch.randn(64, 64)
-    result = measure_latency(lambda: x @ x, threads=1, min_run_time=0.02, warmup=0)
-    assert result.median_ms > 0 and result.dtype == "n/a" and result.batch is None
-    assert torch.get_num_threads() >= 1
+    for clock in ("wall", "process"):
+        result = measure_latency(lambda: x @ x, threads=1, min_run_time=0.02, warmup=0, clock=clock)
+        assert result.median_ms > 0 and result.dtype == "n/a" and result.batch is None
+        assert result.clock == clock
 
 
 def test_measure_latency_rejects_bad_input():
@@ -47,6 +48,8 @@ def test_measure_latency_rejects_bad_input():
         measure_latency(lambda: None, {"x": 1})
     with pytest.raises(ValueError, match="threads"):
         measure_latency(lambda: None, threads=0)
+    with pytest.raises(ValueError, match="clock"):
+        measure_latency(lambda: None, clock="cycles")
 
 
 def test_device_description_names_the_cpu():
@@ -83,16 +86,17 @@ def test_subnet_features_grow_with_size(tiny_nets):
 
 @pytest.fixture(scope="module")
 def predictor(tiny_nets):
-    return LatencyPredictor.fit(tiny_nets["pixel-base"], frames=FRAMES, n_fit=20, n_holdout=10, threads=1,
-                                min_run_time=0.01, rounds=1, progress=False)
+    return LatencyPredictor.fit(tiny_nets["pixel-base"], frames=FRAMES, n_fit=12, n_holdout=6, threads=1,
+                                min_run_time=0.01, rounds=2, progress=False)
 
 
 def test_fit_reports_calibration_and_provenance(predictor):
     cal, prov = predictor.calibration, predictor.provenance
-    assert cal["n"] == 10 and len(predictor.holdout) == 10
-    assert {"mape_pct", "max_error_pct", "spearman", "fit_mape_pct"} <= set(cal)
-    assert (prov["family"], prov["preset"], prov["frames"], prov["batch"]) == ("pixel-base", "tiny", FRAMES, 1)
-    assert prov["n_fit"] == 20 and prov["threads"] == 1 and prov["device_name"]
+    assert cal["n"] == 6 and len(predictor.holdout) == 6
+    assert {"mape_pct", "max_error_pct", "spearman", "fit_mape_pct", "repeat_mape_pct"} <= set(cal)
+    sizes = (prov["family"], prov["preset"], prov["frames"], prov["batch"])
+    assert sizes == ("pixel-base", "tiny", FRAMES, 1)
+    assert prov["n_fit"] == 12 and prov["threads"] == 1 and prov["device_name"]
     assert all(w >= 0 for w in predictor.weights.values()) and predictor.intercept_ms >= 0
     assert "MAPE" in format_report(predictor)
 

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-FEATURES = ("macs_conv", "macs_conv_1d", "macs_pointwise", "macs_linear", "macs_attention", "elems_norm", "elems_other",
+FEATURES = ("macs_conv", "macs_conv_1d", "macs_pointwise", "macs_linear", "macs_attention", "elems_norm",
+            "elems_other",
             "calls_compute", "calls_view")
 
 _VIEW_OPS = frozenset({"view", "reshape", "transpose", "permute", "narrow", "__getitem__", "expand", "split",
@@ -46,7 +47,9 @@ def _conv_out_shape(args: tuple, kwargs: dict) -> tuple[int, ...]:
 
     def arg(index: int, name: str, default):
         value = args[index] if len(args) > index else kwargs.get(name, default)
-        return (value,) * spatial if isinstance(value, int) else tuple(value) if not isinstance(value, str) else value
+        if isinstance(value, str):
+            return value  # "same" / "valid"
+        return (value,) * spatial if isinstance(value, int) else tuple(value)
 
     stride, padding, dilation = arg(3, "stride", 1), arg(4, "padding", 0), arg(5, "dilation", 1)
     kernel = weight.shape[2:]
@@ -111,7 +114,7 @@ class CostTrace(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name in _MAC_OPS or name in _NORM_OPS:  # shape only: (B, ...) uninitialised, never read for control
+        if name in _MAC_OPS or name in _NORM_OPS:  # shape only: uninitialised, never read for control flow
             x = args[0]
             out = torch.empty(_out_shape(name, args, kwargs), dtype=x.dtype, device=x.device)
         else:

@@ -23,9 +23,11 @@ Architecture (``ProxyConfig`` defaults), input ``(B, 3, T, 32, 32)``:
 Each conv is followed by BatchNorm3d and SiLU. Batch norm (as in I3D), not a per-sample norm: at
 inference it applies fixed running statistics, so features do not depend on the batch and keep the
 absolute activation energy that noise and blur change (a per-sample GroupNorm normalised that away
-and made FVD blind to noise). The temporal receptive field of the last layer is 11 frames (3, 5, 7, 11), so a shape's
-motion over the clip is visible to every output unit. The feature is the penultimate layer: the
-globally pooled 128-d output of the last conv block, the input of the linear heads.
+and made FVD blind to noise up to std 0.2). The temporal receptive field of the last layer is 11
+frames (3, 5, 7, 11), so a shape's motion over the clip is visible to every output unit.
+
+The feature is the penultimate layer: the globally pooled 128-d output of the last conv block (after
+its BatchNorm and SiLU), the input of the linear heads.
 
 Files (``save_extractor`` / ``load_extractor``): ``model.safetensors`` (float16 weights) and
 ``extractor.json`` (name, config, training command, dataset identity, heldout accuracy, sha256 of

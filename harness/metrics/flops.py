@@ -53,7 +53,8 @@ ELEMENTWISE_OPS = (
 )
 
 # Operator families, as fvcore's ``by_operator`` names them (the handle name without ``aten::``).
-MATMUL_OPERATORS = ("conv", "linear", "matmul", "mm", "addmm", "bmm", "einsum", "scaled_dot_product_attention")
+MATMUL_OPERATORS = ("conv", "linear", "matmul", "mm", "addmm", "bmm", "einsum",
+                    "scaled_dot_product_attention")
 
 
 def _sdpa_flop(inputs: list, outputs: list) -> int:
@@ -189,12 +190,14 @@ def denoiser_inputs(model: VideoUNet, subnet: SubnetConfig | int, frames: int | 
     frames = frames or _default_frames(model)
     if isinstance(subnet, SubnetConfig):
         if not isinstance(model, Supernet):
-            raise TypeError("a SubnetConfig needs the Supernet it belongs to; pass a resolution for a static net")
+            raise TypeError("a SubnetConfig needs the Supernet it belongs to; "
+                            "pass a resolution for a static net")
         static, resolution = model.extract(subnet), subnet.resolution
     elif isinstance(subnet, int) and not isinstance(subnet, bool):
         static, resolution = model, subnet
     else:
-        raise TypeError(f"subnet must be a SubnetConfig or a resolution in pixels, got {type(subnet).__name__}")
+        raise TypeError(f"subnet must be a SubnetConfig or a resolution in pixels, "
+                        f"got {type(subnet).__name__}")
     device = next(static.parameters()).device
     return static, make_dummy_inputs(static.spec, resolution, frames, batch, seed=0, device=device)
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -40,12 +41,13 @@ class LatencyResult:
     batch: int | None      # input sizes; None when unknown (plain callable, no "sample" input)
     frames: int | None
     resolution: int | None
+    clock: str = "wall"    # "wall": elapsed time; "process": CPU time of this process (see measure_latency)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -114,23 +116,29 @@ def measure_latency(target: Callable[[], Any] | nn.Module, inputs: Inputs | None
                     device: str | torch.device = "cpu", threads: int | None = None,
                     min_run_time: float = 1.0, warmup: int = 3, adaptive: bool = False,
                     threshold: float = 0.1, max_run_time: float = 10.0, dtype: torch.dtype | None = None,
-                    label: str = "latency") -> LatencyResult:
+                    clock: str = "wall", label: str = "latency") -> LatencyResult:
     """Time one call of ``target`` (a no-argument callable, or ``module(**inputs)``) on ``device``.
 
     ``threads``: intra-op threads (``None`` = ``torch.get_num_threads()``, recorded either way).
     ``min_run_time`` (s): minimum timed duration. ``adaptive``: use ``adaptive_autorange(threshold,
     max_run_time=max_run_time)`` instead of ``blocked_autorange(min_run_time)``. ``dtype``: cast the
     module's parameters and floating inputs (``None`` keeps them). A module is moved to ``device`` / ``dtype``
-    in place (``nn.Module.to``) and put in eval mode.
+    in place (``nn.Module.to``) and put in eval mode. ``clock``: ``"wall"`` (elapsed time, the Timer's
+    accelerator-synchronised default) or ``"process"`` (``time.process_time``, CPU only: CPU seconds of
+    this process, which excludes the time other jobs hold the cores - a contention-robust stand-in for
+    single-threaded latency on a shared machine; with several threads it also counts their spin-waits).
     """
     device = torch.device(device)
     threads = torch.get_num_threads() if threads is None else int(threads)
     if threads < 1 or min_run_time <= 0 or warmup < 0:
         raise ValueError(f"need threads >= 1, min_run_time > 0, warmup >= 0 (got {threads}, {min_run_time}, "
                          f"{warmup})")
+    if clock not in ("wall", "process") or (clock == "process" and device.type != "cpu"):
+        raise ValueError(f"clock must be 'wall', or 'process' on the CPU (got {clock!r} on {device.type})")
     fn, dtype_name, moved = _as_callable(target, inputs, device, dtype)
     batch, frames, resolution = _sizes(moved) if moved is not None else (None, None, None)
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
+    timer_fn = {"process": {"timer": time.process_time}, "wall": {}}[clock]
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label, **timer_fn)
     previous = torch.get_num_threads()
     with torch.inference_mode():
         torch.set_num_threads(threads)  # warm-up under the same thread count as the timed runs
@@ -148,4 +156,5 @@ def measure_latency(target: Callable[[], Any] | nn.Module, inputs: Inputs | None
     return LatencyResult(
         median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3, n_runs=len(m.times) * m.number_per_run,
         device=str(device), device_name=device_description(device), threads=threads,
-        torch_version=torch.__version__, dtype=dtype_name, batch=batch, frames=frames, resolution=resolution)
+        torch_version=torch.__version__, dtype=dtype_name, batch=batch, frames=frames, resolution=resolution,
+        clock=clock)

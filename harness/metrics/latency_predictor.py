@@ -1,12 +1,15 @@
-"""Per-device latency predictor for one denoiser forward of a subnet (HAT-style regression on measured subnets).
+"""Per-device latency predictor for one denoiser forward of a subnet (HAT style: regression on measured
+subnets).
 
 Model: ``latency_ms = c0 + sum_k w_k * x_k`` over the cost features ``x`` of ``_cost_trace.FEATURES``
 (multiply-adds of spatial / temporal convolutions, linear layers and attention; output elements of norms
 and of other ops; number of compute and view calls), read from a ``TorchFunctionMode`` trace of the
 subnet's static network on the meta device. The weights are fitted by non-negative least squares
-(``scipy.optimize.nnls``) on *relative* residuals ``(pred - y) / y`` - what MAPE measures - so every weight
-is a physical cost (ms per multiply-add, per element, per call) and the fit cannot go negative. Unlike an
-OFA lookup table, it is fitted to whole forwards, so fusion and per-call overheads are absorbed.
+(``scipy.optimize.nnls``) on *relative* residuals ``(pred - y) / y`` - what MAPE measures - so every term
+is a non-negative cost (ms per multiply-add, per element, per call): a bigger subnet never predicts faster.
+The features are correlated (wider layers raise several at once), so single weights need not be physical
+rates; only their sum is calibrated. Unlike an OFA lookup table, it is fitted to whole forwards, so fusion
+and per-call overheads are absorbed.
 
 Protocol (``LatencyPredictor.fit``): ``n_fit + n_holdout`` distinct subnets are drawn with
 ``space.sample(rng, min_ratio=m, min_keep=k)`` where ``m`` and ``k`` are drawn per subnet from the ratio set
@@ -14,9 +17,10 @@ and ``[0, 1]``, so the draws span the space from the smallest to the largest sub
 per-layer draws concentrate near the middle of the range); the smallest and the largest valid subnet
 join the fit set. Each subnet is extracted and timed with ``measure_latency`` in ``rounds`` interleaved
 rounds (shuffled order, fit and held-out subnets mixed, so load drift hits both alike); its latency is
-the minimum over rounds of the per-round median (co-tenant load only ever adds time). The held-out
-subnets never enter the fit; ``calibration_report`` gives MAPE, max error and Spearman rank correlation
-on them, plus the measurement spread across rounds (the noise floor those figures sit on).
+the median over rounds of the per-round medians. The held-out subnets never enter the fit;
+``calibration_report`` gives MAPE, max error and Spearman rank correlation on them, and, as the noise
+floor those figures sit on, the same figures for round 1 against round 0 of the held-out timings
+(``repeat_*``: how well one measurement predicts a repeat of itself) and the mean spread across rounds.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ from scipy.optimize import nnls
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
-from search_spaces import ConfigError, SubnetConfig, Supernet, VideoUNet, make_dummy_inputs
 from harness.metrics._cost_trace import FEATURES, forward_features
 from harness.metrics.latency import device_description, measure_latency
+from search_spaces import ConfigError, SubnetConfig, Supernet, VideoUNet, make_dummy_inputs
 
 FORMAT = "sned-latency-predictor/1"
 _CACHE_SIZE = 4096
@@ -57,11 +61,12 @@ def calibration_report(measured_ms: Sequence[float], predicted_ms: Sequence[floa
     y = np.asarray(measured_ms, dtype=np.float64)
     p = np.asarray(predicted_ms, dtype=np.float64)
     if y.shape != p.shape or y.ndim != 1 or len(y) < 3:
-        raise ValueError(f"need two equal-length 1-D sequences of >= 3 latencies, got {y.shape} and {p.shape}")
+        raise ValueError(f"need two equal-length 1-D sequences of >= 3 latencies, "
+                         f"got {y.shape} and {p.shape}")
     if np.any(y <= 0):
         raise ValueError("measured latencies must be positive")
     err = np.abs(p - y) / y * 100
-    return {"n": int(len(y)), "mape_pct": float(err.mean()), "max_error_pct": float(err.max()),
+    return {"n": len(y), "mape_pct": float(err.mean()), "max_error_pct": float(err.max()),
             "median_error_pct": float(np.median(err)), "spearman": float(spearmanr(p, y).statistic)}
 
 
@@ -104,7 +109,7 @@ def _draw_subnets(net: Supernet, resolution: int, count: int, rng: np.random.Gen
 
 
 def _measure_all(net: Supernet, cfgs: list[SubnetConfig], frames: int, batch: int, device: torch.device,
-                 threads: int, min_run_time: float, rounds: int, rng: np.random.Generator,
+                 threads: int, min_run_time: float, rounds: int, clock: str, rng: np.random.Generator,
                  progress: bool) -> np.ndarray:
     """Latency ``(rounds, len(cfgs))`` in ms: per round, every subnet once, in a shuffled order."""
     times = np.zeros((rounds, len(cfgs)))
@@ -112,9 +117,10 @@ def _measure_all(net: Supernet, cfgs: list[SubnetConfig], frames: int, batch: in
         for r in range(rounds):
             for i in rng.permutation(len(cfgs)):
                 static = net.extract(cfgs[i]).to(device)
-                inputs = make_dummy_inputs(static.spec, cfgs[i].resolution, frames, batch, seed=0, device=device)
+                inputs = make_dummy_inputs(static.spec, cfgs[i].resolution, frames, batch, seed=0,
+                                           device=device)
                 result = measure_latency(static, inputs, device=device, threads=threads,
-                                         min_run_time=min_run_time, warmup=2)
+                                         min_run_time=min_run_time, warmup=2, clock=clock)
                 times[r, i] = result.median_ms
                 bar.update(1)
     return times
@@ -165,16 +171,17 @@ class LatencyPredictor:
     @classmethod
     def fit(cls, net: Supernet, resolution: int | None = None, frames: int | None = None, batch: int = 1,
             n_fit: int = 80, n_holdout: int = 30, threads: int = 1, seed: int = 0,
-            min_run_time: float = 0.15, rounds: int = 2, device: str | torch.device = "cpu",
-            progress: bool = True) -> "LatencyPredictor":
+            min_run_time: float = 0.1, rounds: int = 3, clock: str = "wall",
+            device: str | torch.device = "cpu", progress: bool = True) -> LatencyPredictor:
         """Measure ``n_fit + n_holdout`` subnets, fit on the first ``n_fit``, report on the rest.
 
         ``resolution`` / ``frames``: ``None`` = the supernet's default resolution / training frames.
         ``threads``: intra-op threads for timing. The default is 1: on a shared, oversubscribed machine a
         multi-threaded forward waits on the scheduler at every parallel region (here, with other jobs
         running, a ~40 ms forward took 3-12 s at 2 threads); fit with more threads on a quiet machine.
-        ``min_run_time`` (s): timed duration per subnet per round. Weights do not change latency, so an
-        untrained supernet is as good as a trained one.
+        ``min_run_time`` (s): timed duration per subnet per round. ``clock``: ``"wall"`` or ``"process"``
+        (CPU time; see ``measure_latency``). Weights do not change latency, so an untrained supernet is
+        as good as a trained one.
         """
         resolution = resolution or net.space.default_resolution
         frames = frames or net.hyper.frames
@@ -184,8 +191,9 @@ class LatencyPredictor:
         rng = np.random.default_rng(seed)
         cfgs = _draw_subnets(net, resolution, n_fit + n_holdout, rng)
         device = torch.device(device)
-        times = _measure_all(net, cfgs, frames, batch, device, threads, min_run_time, rounds, rng, progress)
-        latency = times.min(axis=0)
+        times = _measure_all(net, cfgs, frames, batch, device, threads, min_run_time, rounds, clock, rng,
+                             progress)
+        latency = np.median(times, axis=0)
         traced = [subnet_features(net, c, frames, batch) for c in cfgs]
         features = np.array([[f[name] for name in FEATURES] for f in traced])  # (n_fit + n_holdout, k)
         intercept, weights = fit_nnls(features[:n_fit], latency[:n_fit])
@@ -194,26 +202,31 @@ class LatencyPredictor:
             "torch_version": torch.__version__, "dtype": str(net.conv_in.weight.dtype).removeprefix("torch."),
             "family": net.family, "preset": net.preset, "resolution": resolution, "frames": frames,
             "batch": batch, "n_fit": n_fit, "n_holdout": n_holdout, "seed": seed, "rounds": rounds,
-            "min_run_time_s": min_run_time, "latency_statistic": "min over rounds of the per-round median",
+            "min_run_time_s": min_run_time, "clock": clock,
+            "latency_statistic": "median over rounds of the per-round median",
             "model": "nnls on relative residuals: intercept + weights . features",
         }
         predictor = cls(intercept, dict(zip(FEATURES, weights.tolist())), provenance)
         predictor._calibrate(cfgs, features, times, n_fit)
         return predictor
 
-    def _calibrate(self, cfgs: list[SubnetConfig], features: np.ndarray, times: np.ndarray, n_fit: int) -> None:
+    def _calibrate(self, cfgs: list[SubnetConfig], features: np.ndarray, times: np.ndarray,
+                   n_fit: int) -> None:
         """Fill ``calibration`` and ``holdout`` from features ``(n, k)`` and timings ``(rounds, n)``; the
         first ``n_fit`` subnets were fitted on, the rest are held out."""
         weights = np.array([self.weights[name] for name in FEATURES])
         predicted = features @ weights + self.intercept_ms
-        latency = times.min(axis=0)
+        latency = np.median(times, axis=0)
         held = times[:, n_fit:]
         self.calibration = {
             **calibration_report(latency[n_fit:], predicted[n_fit:]),
             "fit_mape_pct": calibration_report(latency[:n_fit], predicted[:n_fit])["mape_pct"],
-            # Mean (max - min) / min over rounds of the held-out timings: the noise floor, in %.
+            # Noise floor: mean (max - min) / min over rounds of the held-out timings, in %.
             "measurement_spread_pct": float(((held.max(0) - held.min(0)) / held.min(0)).mean() * 100),
         }
+        if len(times) >= 2:  # round 1 "predicted" by round 0: what a repeat measurement agrees to
+            repeat = calibration_report(held[1], held[0])
+            self.calibration.update(repeat_mape_pct=repeat["mape_pct"], repeat_spearman=repeat["spearman"])
         self.holdout = [{"subnet": c.to_dict(), "measured_ms": float(y), "predicted_ms": float(p)}
                         for c, y, p in zip(cfgs[n_fit:], latency[n_fit:], predicted[n_fit:])]
 
@@ -233,12 +246,13 @@ class LatencyPredictor:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyPredictor":
+    def load(cls, path: str | Path) -> LatencyPredictor:
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{path} is not a latency predictor (expected \"format\": \"{FORMAT}\")")
         if list(data["features"]) != list(FEATURES):
-            raise ValueError(f"{path} uses features {data['features']}, this version computes {list(FEATURES)}")
+            raise ValueError(f"{path} uses features {data['features']}, "
+                             f"this version computes {list(FEATURES)}")
         return cls(data["intercept_ms"], data["weights"], data["provenance"], data.get("calibration"),
                    data.get("holdout"))
 
@@ -246,4 +260,5 @@ class LatencyPredictor:
         p, c = self.provenance, self.calibration
         cal = f", MAPE {c['mape_pct']:.1f}%, Spearman {c['spearman']:.3f}" if c else ""
         return (f"LatencyPredictor({p.get('family')}/{p.get('preset')} {p.get('resolution')}px "
-                f"x{p.get('frames')} b{p.get('batch')} on {p.get('device_name')}, {p.get('threads')} threads{cal})")
+                f"x{p.get('frames')} b{p.get('batch')} on {p.get('device_name')}, "
+                f"{p.get('threads')} threads{cal})")
