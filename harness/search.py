@@ -258,20 +258,27 @@ def run_search(study, storage, store, searcher, measurer, objectives, metrics, a
         bar.close()
 
 
+def predictor_path(net: Supernet, resolution: int) -> Path | None:
+    """A latency predictor for ``net`` at ``resolution``: beside the checkpoint, else under results/latency."""
+    for path in (Path(net.checkpoint_dir) / f"latency-{resolution}px.json",
+                 RESULTS / "latency" / f"{net.family}-{net.preset}-{resolution}.json"):
+        if path.is_file():
+            return path
+    return None
+
+
 def load_predictors(base: Supernet, ssr: Supernet | None) -> dict:
     from harness.metrics.latency_predictor import LatencyPredictor
 
     out = {}
     for net in (base, ssr):
-        if net is None:
-            continue
-        for r in net.space.resolutions:
-            path = Path(net.checkpoint_dir) / "latency" / f"{net.family}-{r}px.json"
-            if path.is_file():
+        for r in (net.space.resolutions if net is not None else ()):
+            path = predictor_path(net, r)
+            if path is not None:
                 out[(net.family, r)] = LatencyPredictor.load(path)
     if not out:
-        raise FileNotFoundError("--latency predicted needs a predictor beside the checkpoint "
-                                "(<checkpoint>/latency/<family>-<R>px.json); fit one with python -m harness.predictor")
+        raise FileNotFoundError("--latency predicted needs a latency predictor (<checkpoint>/latency-<R>px.json); "
+                                "fit one with python -m harness.predictor")
     return out
 
 

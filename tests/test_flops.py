@@ -8,6 +8,9 @@ attention into the ``bmm`` calls it does count. Our SDPA handle is also checked 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,20 +41,33 @@ def _config(net, point: str):
             "sampled": space.sample(3, resolution=space.default_resolution)}[point]
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Counting needs no speed; one thread avoids scheduler stalls on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def analyses(tiny_nets):
     """(family, point) -> (static net, inputs, fvcore analysis), traced once per module."""
     out = {}
-    for family in FAMILIES:
-        net = tiny_nets[family]
-        for point in POINTS:
-            static, inputs = denoiser_inputs(net, _config(net, point), frames=FRAMES)
-            out[family, point] = (static.eval(), inputs, flop_analysis(static, inputs))
+    with _one_thread():
+        for family in FAMILIES:
+            net = tiny_nets[family]
+            for point in POINTS:
+                static, inputs = denoiser_inputs(net, _config(net, point), frames=FRAMES)
+                out[family, point] = (static.eval(), inputs, flop_analysis(static, inputs))
     return out
 
 
 def _flop_counter_macs(static, inputs) -> float:
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+    with _one_thread(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, \
+            torch.no_grad():
         static(**inputs)
     return counter.get_total_flops() / 2
 
@@ -94,7 +110,8 @@ def test_cost_trace_macs_match_fvcore(analyses, family):
 def test_flops_scale_with_pixels(analyses, tiny_nets, family):
     static, _, analysis = analyses[family, "smallest"]
     low = tiny_nets[family].space.default_resolution
-    high = denoiser_flops(static, 2 * low, frames=FRAMES)
+    with _one_thread():
+        high = denoiser_flops(static, 2 * low, frames=FRAMES)
     assert 3.9 < high / analysis.total() < 4.6  # conv / linear x4, embeddings constant
 
 

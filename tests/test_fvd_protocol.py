@@ -214,7 +214,11 @@ def test_real_stats_cache_hit_skips_the_extractor(extractor: ProxyFeatures, tmp_
     assert calls > 0 and counting.calls == calls
     assert (hit_first, hit_second) == (False, True)
     assert torch.equal(first, second) and first.shape == (16, 128)
-    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    (cache_file,) = tmp_path.glob("*.safetensors")
+    # A corrupt cache file is a miss: recomputed and rewritten.
+    cache_file.write_bytes(b"not a safetensors file")
+    third, hit_third = real_features(protocol, counting, cache_dir=tmp_path, progress=False)
+    assert not hit_third and counting.calls == 2 * calls and torch.equal(third, first)
     # A different protocol field is a different cache entry.
     real_features(
         FVDProtocol(num_real=16, num_fake=16, frames=FRAMES, resolution=RESOLUTION, real_seed=1),

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -241,14 +241,16 @@ def _extract_real(
 
 
 def _read_cache(path: Path, identity: dict[str, Any]) -> torch.Tensor | None:
-    """Cached features ``(N, D)`` when the file exists and its metadata matches ``identity``."""
+    """Cached features ``(N, D)`` when the file exists, is readable and its metadata matches ``identity``
+    (an unreadable or mismatching file is treated as a miss and overwritten)."""
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = json.loads((handle.metadata() or {}).get("protocol", "{}"))
-        if metadata != identity:
-            return None
-        return handle.get_tensor("features")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = json.loads((handle.metadata() or {}).get("protocol", "{}"))
+            return handle.get_tensor("features") if metadata == identity else None
+    except (OSError, ValueError, SafetensorError):  # json.JSONDecodeError is a ValueError
+        return None
 
 
 def _write_cache(path: Path, features: torch.Tensor, identity: dict[str, Any]) -> None:
