@@ -23,8 +23,8 @@ def train_scheduler() -> DDPMScheduler:
 
 def sampling_scheduler(steps: int) -> DDIMScheduler:
     sched = DDIMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=BETA_SCHEDULE,
-                          prediction_type="epsilon", clip_sample=True, set_alpha_to_one=False,
-                          timestep_spacing="trailing")
+                          prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False,
+                          timestep_spacing="leading", steps_offset=1)  # not t=999: x0 from eps blows up there
     sched.set_timesteps(steps)
     return sched
 
