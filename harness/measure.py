@@ -5,6 +5,7 @@ searcher, study and worker: the same candidate under the same protocol on the sa
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -73,7 +74,7 @@ class Measurer:
                          "total_params": base.space.total_params}}
         if ssr is not None:
             ssr_digest = checkpoint_hash(ssr.checkpoint_dir)
-            digest = f"chain:{digest[:32]}{ssr_digest[:32]}"
+            digest = hashlib.sha256(f"chain:{digest}:{ssr_digest}".encode()).hexdigest()
             meta["ssr"] = {"family": ssr.family, "preset": ssr.preset, "sha256": ssr_digest,
                            "total_params": ssr.space.total_params}
         family = base.family if ssr is None else f"{base.family}+{ssr.family}"
