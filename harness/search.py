@@ -198,12 +198,13 @@ def main(argv=None) -> None:
     measurer = Measurer(base, ssr, text, settings, store, worker=f"{socket.gethostname()}:{os.getpid()}",
                         predictors=predictors)
     measurer._fvd = extractor
-    storage = optuna_storage(url, heartbeat_interval=None if url.startswith("sqlite") else 10,
-                             grace_period=None if url.startswith("sqlite") else 60)
     name = args.study or default_study_name(base, resolution, objectives, args.searcher, args.seed)
-    study = optuna.create_study(study_name=name, storage=storage, directions=["minimize"] * len(objectives),
-                                sampler=optuna_sampler(args.searcher if args.searcher != "evolution" else "random",
-                                                       args.seed), load_if_exists=True)
+    with store.exclusive("optuna-schema"):  # workers starting together must not race on Optuna's DDL
+        storage = optuna_storage(url, heartbeat_interval=None if url.startswith("sqlite") else 10,
+                                 grace_period=None if url.startswith("sqlite") else 60)
+        sampler = optuna_sampler(args.searcher if args.searcher != "evolution" else "random", args.seed)
+        study = optuna.create_study(study_name=name, storage=storage, directions=["minimize"] * len(objectives),
+                                    sampler=sampler, load_if_exists=True)
     if len(study.directions) != len(objectives):
         raise ValueError(f"study '{name}' exists with {len(study.directions)} objectives; use another --study")
     study.set_user_attr("objectives", objectives)
