@@ -1,0 +1,85 @@
+"""The search space: JSON round trip, keys, validation errors, sampling, evolution operators, targets."""
+
+import json
+
+import numpy as np
+import pytest
+
+from search_spaces import ConfigError, SubnetConfig, build_supernet
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_supernet("pixel-base", "tiny")
+
+
+@pytest.fixture(scope="module")
+def ssr():
+    return build_supernet("pixel-ssr", "tiny")
+
+
+def test_json_round_trip_and_stable_key(base):
+    cfg = base.space.sample(0)
+    again = SubnetConfig.from_json(cfg.to_json())
+    assert again == cfg and again.key == cfg.key and len(cfg.key) == 64
+    assert base.space.sample(1).key != cfg.key
+    assert "params" in base.space.describe(cfg) and "16px" in cfg.describe()
+
+
+def _mutated(cfg, **changes) -> str:
+    d = json.loads(cfg.to_json())
+    for path, value in changes.items():
+        node = d
+        keys = path.split("/")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return json.dumps(d)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"ratios/down0.width": 0.45}, "down0.width"),
+    ({"keep/up0.0/res": False}, "cannot drop its res"),
+    ({"resolution": 24}, "resolution 24"),
+    ({"family": "pixel-ssr"}, "family 'pixel-ssr'"),
+])
+def test_validate_names_the_problem(base, change, needle):
+    text = _mutated(base.space.largest(), **change)
+    with pytest.raises(ConfigError) as e:
+        base.space.from_json(text)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_validate_rejects_over_cap_and_malformed_json(ssr):
+    over = ssr.space.largest(64)  # 64px has a 60% cap
+    with pytest.raises(ConfigError, match="cap at 64px"):
+        ssr.space.validate(over)
+    with pytest.raises(ConfigError, match="malformed subnet config JSON"):
+        SubnetConfig.from_json("{not json")
+    with pytest.raises(ConfigError, match="not a subnet config"):
+        SubnetConfig.from_json('{"a": 1}')
+
+
+def test_sampling_respects_warmup_knobs_and_caps(ssr):
+    rng = np.random.default_rng(0)
+    full = [ssr.space.sample(rng, min_ratio=1.0, min_keep=1.0, resolution=32) for _ in range(5)]
+    assert all(c.num_dropped == 0 and c.mean_ratio == 1.0 for c in full)
+    for _ in range(20):
+        cfg = ssr.space.sample(rng)
+        assert ssr.space.fits(cfg) and min(r for _, r in cfg.ratios) >= 0.4
+    assert ssr.space.feasible_resolutions(1.0, 1.0) == [32]  # 64px's cap excludes the full network
+
+
+def test_mutate_and_crossover_stay_in_the_space(base):
+    rng = np.random.default_rng(1)
+    a, b = base.space.sample(rng), base.space.sample(rng)
+    for _ in range(10):
+        child = base.space.mutate(base.space.crossover(a, b, rng), rng, prob=0.3)
+        assert base.space.fits(child) and child.resolution == a.resolution
+    assert base.space.cardinality() == 7 ** len(base.space.layers) * 2 ** len(base.space.droppable())
+
+
+@pytest.mark.parametrize("fraction", [0.4, 0.6, 0.8, 1.0])
+def test_subnets_at_target_fractions(base, fraction):
+    cfg = base.space.subnet_at_fraction(fraction)
+    assert abs(base.space.param_fraction(cfg) - fraction) < 0.03
