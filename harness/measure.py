@@ -41,6 +41,7 @@ class MeasureSettings:
     device: str = "cpu"
     seed: int = 0
     min_run_time: float = 0.25   # seconds per latency measurement
+    claim_timeout_s: float = 1800.0  # a claim older than this is taken over (its worker is presumed dead)
 
 
 def heldout_prompts(protocol) -> list[str]:
@@ -104,7 +105,8 @@ class Measurer:
             self.cache_hits += 1
             return cached
         group = "+".join(metrics)
-        while not self.store.claim(cid, group, protocol, device, self.worker, stale_after_s=1800):
+        while not self.store.claim(cid, group, protocol, device, self.worker,
+                                   stale_after_s=self.settings.claim_timeout_s):
             time.sleep(0.5)  # another worker is measuring it: wait for its result
             cached = self._cached(cid, metrics, protocol, device)
             if cached is not None:

@@ -181,7 +181,9 @@ def main(argv=None) -> None:
     text = load_text_encoder(text_encoder_name(base), max_length=base.spec.context_len) if base.spec.context_dim \
         else None
     settings = MeasureSettings(steps=args.steps, fvd_videos=args.fvd_videos, fvd_weights=args.fvd_weights,
-                               latency=args.latency, threads=args.threads, device=args.device, seed=args.seed)
+                               latency=args.latency, threads=args.threads, device=args.device, seed=args.seed,
+                               # SQLite is one process by contract: a claim left there is a killed run's.
+                               claim_timeout_s=0.0 if url.startswith("sqlite") else 1800.0)
     encoding = CandidateEncoding(base.space, ssr.space if ssr else None, resolution, base.space.default_resolution)
     smallest = Candidate(base.space.smallest(),
                          ssr.space.smallest(resolution) if ssr is not None else None)

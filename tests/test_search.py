@@ -90,7 +90,7 @@ def _complete_count(db: Path) -> int:
 @pytest.mark.slow
 def test_kill_and_resume_finishes_remaining_trials(tmp_path):
     url = f"sqlite:///{tmp_path}/h.db"
-    args = [sys.executable, "-m", "harness.search", "--objective", "latency", "--trials", "4", "--storage", url,
+    args = [sys.executable, "-m", "harness.search", "--objective", "latency", "--trials", "3", "--storage", url,
             "--study", "k", *FAST]
     proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
