@@ -15,7 +15,7 @@ PROMPTS = ["a large red square moving left", "a small blue circle moving up"]
 @torch.no_grad()
 def write_training_samples(trainer, steps: int = 10, guidance: float = 3.0, seed: int = 0) -> Path:
     """Largest and smallest subnet side by side: text-to-video for a base model, upscaling of a training
-    clip for a super-resolution model. Returns the GIF path (``<run>/samples/step_XXXXXXX.gif``)."""
+    clip for a super-resolution model. Returns the GIF path (``<run>/samples/step_<7-digit step>.gif``)."""
     from harness.video_io import save_gif
 
     net = trainer.net
