@@ -2,7 +2,7 @@
 
 Layouts read (both may be mixed under one root):
 
-* frame folders, as Sky Timelapse ships them: ``<root>/<split>/<video>/<clip>/<video>_frames_XXXXXXXX.jpg``;
+* frame folders, as Sky Timelapse ships them: ``<root>/<split>/<video>/<clip>/<video>_frames_<8 digits>.jpg``;
   any folder holding ``*.jpg`` / ``*.jpeg`` / ``*.png`` files is one clip, frames in natural sort order;
 * video files ``*.mp4``, ``*.webm``, ``*.avi``, ``*.mov``, ``*.mkv`` anywhere under ``<root>/<split>``,
   decoded with PyAV; each file is one clip.
