@@ -55,6 +55,7 @@ class TrainOptions:
     log_every: int = 10
     resume: bool = False
     threads: int | None = None
+    init: str | None = None          # start from this model directory's weights (fresh optimizer state)
 
 
 def warmup_limits(step: int, warmup_steps: int) -> tuple[float, float]:
@@ -89,6 +90,7 @@ class Trainer:
             raise ValueError(f"--batch {opts.batch} must be divisible by the {self.world} ranks")
         torch.manual_seed(opts.seed)  # identical initial weights on every rank
         self.net = build_supernet(opts.family, opts.preset)
+        self.init_hash = self._load_init(opts.init) if opts.init else None
         self.super_resolution = self.net.spec.cond_channels > 0
         frames = self.net.hyper.frames
         data_res = max(self.net.space.resolutions)
@@ -149,6 +151,17 @@ class Trainer:
                 "Subnet/resolution": resolution, "Subnet/params_frac": net.space.param_fraction(subnets[-1]),
                 "Warmup/min_ratio": warmup_limits(step, opts.warmup_steps)[0]}
 
+    def _load_init(self, path: str) -> str:
+        """Start from a saved supernet's weights (e.g. a shipped one, to train it longer); returns its hash."""
+        from harness.checkpoints import checkpoint_hash, load_model
+
+        model = load_model(path)
+        if not isinstance(model, Supernet) or (model.family, model.preset) != (self.opts.family, self.opts.preset):
+            raise ValueError(f"--init {path} is not a {self.opts.family}/{self.opts.preset} supernet; pass one "
+                             f"saved by this family and preset")
+        self.net.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        return checkpoint_hash(model.checkpoint_dir)
+
     def _union_masks(self, subnets) -> dict[str, torch.Tensor]:
         active: dict[str, torch.Tensor] = {}
         for cfg in subnets:
@@ -170,6 +183,7 @@ class Trainer:
                 "data": {"spec": self.opts.data, "captions": self.opts.captions, "num_videos": len(self.dataset),
                          "frames": self.net.hyper.frames},
                 "text_encoder": self.text.identity if self.text else None,
+                "init": {"path": self.opts.init, "sha256": self.init_hash} if self.opts.init else None,
                 "optimizer": self.optimizer.hyperparameters(), "torch_version": torch.__version__,
                 "rng": {"scheme": "stateless: numpy default_rng([seed, step, stream])", "seed": self.opts.seed},
                 "history_tail": self.history[-50:]}
