@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from harness.autoencoder import AutoencoderConfig, DiagonalGaussian, VideoAutoencoder, build_autoencoder
 
@@ -102,6 +103,7 @@ def train_autoencoder(
     save_every: int | None = None,
     device: str | torch.device = "cpu",
     model: VideoAutoencoder | None = None,
+    progress: bool = False,
 ) -> AutoencoderRun:
     """Train a video autoencoder, sampling one resolution per step, and save it to ``out_dir``.
 
@@ -155,7 +157,7 @@ def train_autoencoder(
     )
 
     run = AutoencoderRun(model, directory)
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), desc="train autoencoder", disable=not progress, dynamic_ncols=True):
         # Sample a resolution and a batch at it.
         resolution = resolutions[int(rng.integers(len(resolutions)))]
         video = dataset_factory(resolution).to(device)
@@ -186,3 +188,49 @@ def train_autoencoder(
     model.save_pretrained(directory)
     run.model = model.eval()
     return run
+
+
+def main(argv=None) -> None:
+    """``python -m harness.autoencoder_train``: train the video autoencoder of a latent family."""
+    import argparse
+
+    from harness.data import build_dataset
+    from harness.training.batches import ClipSource
+
+    p = argparse.ArgumentParser(prog="python -m harness.autoencoder_train",
+                                description="Train a video autoencoder with super-position over resolutions.")
+    p.add_argument("--preset", default="tiny", help="autoencoder preset (tiny, paper)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' (built in, offline) or a dataset folder")
+    p.add_argument("--num-videos", type=int, default=1024, help="synthetic train-set size")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (divisible by the temporal stride)")
+    p.add_argument("--resolutions", default="32,64", help="comma-separated training resolutions in pixels")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=4, help="clips per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, resolution draws and clips")
+    p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
+    source = ClipSource(build_dataset(args.data, "train", frames=args.frames, resolution=max(resolutions),
+                                      seed=args.seed,
+                                      num_videos=args.num_videos if args.data == "synthetic" else None))
+    rng = np.random.default_rng(args.seed)
+
+    def batch(resolution: int) -> torch.Tensor:
+        indices = rng.integers(0, len(source), size=args.batch)
+        return torch.stack([source.clip(int(i), resolution) for i in indices])
+
+    run = train_autoencoder(batch, resolutions, args.steps, args.out, preset=args.preset, lr=args.lr,
+                            kl_weight=args.kl_weight, seed=args.seed, log_every=10,
+                            save_every=max(1, args.steps // 10), progress=True)
+    print(f"trained {args.steps} steps (last loss {run.losses[-1]:.4f}); autoencoder at {args.out}")
+
+
+if __name__ == "__main__":
+    from harness.cli import run_cli
+
+    run_cli(main)

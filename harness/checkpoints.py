@@ -89,4 +89,9 @@ def export_supernet(run_or_checkpoint: str | Path, out: str | Path, dtype: torch
     config = net.config_dict() | {"text_encoder_name": meta["options"]["text_encoder"],
                                   "trained_steps": meta["step"], "text_encoder": meta["text_encoder"]}
     save_module(net.to(dtype), out, config)
+    from harness.latent import FOLDER, find_codec
+
+    codec = find_codec(net)
+    if codec is not None:  # the autoencoder stays fp32 (it is small and decodes every generated video)
+        codec.save(Path(out) / FOLDER)
     return Path(out)

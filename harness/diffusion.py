@@ -54,12 +54,12 @@ def noise_augment(low_res: torch.Tensor, level: torch.Tensor, generator: torch.G
 def ddim_sample(denoiser: Callable, shape: tuple[int, ...], context: torch.Tensor | None,
                 null: torch.Tensor | None, steps: int = 20, guidance: float = 3.0,
                 generator: torch.Generator | None = None, progress: Callable | None = None,
-                **conditioning) -> torch.Tensor:
+                clip: bool = True, **conditioning) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance: ``eps = eps_null + g * (eps_text - eps_null)``.
 
     ``shape`` ``(B, C, T, H, W)``; ``context``/``null`` ``(B, L, D)`` text tokens (``None`` when
     unconditional or ``guidance == 1``). Conditioning tensors are repeated for the doubled batch.
-    Returns the sample in [-1, 1].
+    Returns the sample, clamped to [-1, 1] when ``clip`` (pixels; latents are returned as they are).
     """
     sched = sampling_scheduler(steps)
     x = torch.randn(shape, generator=generator)
@@ -77,7 +77,7 @@ def ddim_sample(denoiser: Callable, shape: tuple[int, ...], context: torch.Tenso
         else:
             eps = denoiser(x, tt, context, **conditioning)
         x = sched.step(eps, t, x, generator=generator).prev_sample
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clip else x
 
 
 def epsilon_loss(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

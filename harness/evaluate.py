@@ -71,7 +71,8 @@ def main(argv=None) -> None:
     from harness.text_encoder import load_text_encoder
 
     extractor = resolve_extractor(args.fvd_weights) if {"fvd", "kvd"} & set(metrics) else None
-    text = load_text_encoder(text_encoder_name(base), max_length=base.spec.context_len)
+    text = load_text_encoder(text_encoder_name(base), max_length=base.spec.context_len) if base.spec.context_dim \
+        else None
     settings = MeasureSettings(steps=args.steps, fvd_videos=args.fvd_videos, fvd_repeats=args.fvd_repeats,
                                fvd_weights=args.fvd_weights, threads=args.threads, device=args.device,
                                seed=args.seed)

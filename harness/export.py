@@ -17,6 +17,8 @@ from optuna.trial import TrialState
 
 from harness.candidates import Candidate
 from harness.checkpoints import load_model
+from harness.latent import FOLDER as LATENT_FOLDER
+from harness.latent import find_codec
 from harness.cli import run_cli
 from harness.store import optuna_storage, validate_storage_url
 from search_spaces import save_static
@@ -50,6 +52,10 @@ def main(argv=None) -> None:
     static = base.extract(cand.base)
     save_static(static, out / "base")
     written = [out / "base"]
+    codec = find_codec(base)
+    if codec is not None:  # a latent subnet runs with its autoencoder: found beside it by harness.sample
+        codec.save(out / LATENT_FOLDER)
+        written.append(out / LATENT_FOLDER)
     if cand.ssr is not None:
         ssr = load_model(args.ssr_checkpoint or study.user_attrs["ssr_checkpoint"])
         save_static(ssr.extract(cand.ssr), out / "ssr")

@@ -16,6 +16,7 @@ from harness.candidates import Candidate
 from harness.checkpoints import checkpoint_hash
 from harness.metrics.flops import GenerationStage, generation_flops
 from harness.metrics.latency import device_description, measure_latency
+from harness.latent import find_codec
 from harness.pipeline import Chain, generate
 from harness.store import Store
 from search_spaces import Supernet, make_dummy_inputs
@@ -65,6 +66,7 @@ class Measurer:
         self.worker = worker
         self.device_name = device_description(settings.device)
         self.predictors = predictors or {}
+        self.codec = find_codec(base)  # latent families: the autoencoder, decoding is part of a generation
         self._fvd = None
         self.supernet_id = self._supernet_row() if store is not None else None
 
@@ -78,6 +80,10 @@ class Measurer:
             digest = hashlib.sha256(f"chain:{digest}:{ssr_digest}".encode()).hexdigest()
             meta["ssr"] = {"family": ssr.family, "preset": ssr.preset, "sha256": ssr_digest,
                            "total_params": ssr.space.total_params}
+        if self.codec is not None:
+            codec_digest = checkpoint_hash(self.codec.directory)
+            digest = hashlib.sha256(f"latent:{digest}:{codec_digest}".encode()).hexdigest()
+            meta["autoencoder"] = {"sha256": codec_digest, "scale": self.codec.scale}
         family = base.family if ssr is None else f"{base.family}+{ssr.family}"
         return self.store.get_or_create_supernet(digest, family, base.preset, meta).id
 
@@ -151,7 +157,28 @@ class Measurer:
 
     def _gen_suffix(self, cand: Candidate) -> str:
         s = self.settings
-        return f"ddim{s.steps}:{'cfg' if s.guidance != 1 else 'nocfg'}:{cand.resolution}px:{self.base.hyper.frames}f"
+        if self.codec is not None:  # latent size, then the decoded video's size
+            return (f"ddim{s.steps}:nocfg:{cand.resolution}lat:{self.base.hyper.frames}f:"
+                    f"+decode:{self.pixel_resolution(cand)}px:{self.pixel_frames}f")
+        return f"ddim{s.steps}:{'cfg' if self.guided else 'nocfg'}:{cand.resolution}px:{self.base.hyper.frames}f"
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance doubles each step's forwards; unconditional models run once."""
+        return self.settings.guidance != 1 and bool(self.base.spec.context_dim)
+
+    @property
+    def pixel_frames(self) -> int:
+        frames = self.base.hyper.frames
+        return self.codec.pixel_frames(frames) if self.codec is not None else frames
+
+    def pixel_resolution(self, cand: Candidate) -> int:
+        return self.codec.pixel_resolution(cand.resolution) if self.codec is not None else cand.resolution
+
+    def _decoder_inputs(self, cand: Candidate) -> dict:
+        z = torch.randn(1, self.codec.channels, self.base.hyper.frames, cand.resolution, cand.resolution,
+                        generator=torch.Generator().manual_seed(0))
+        return {"latents": z.to(self.settings.device)}
 
     # -- metrics -------------------------------------------------------------------------------------
     def measure(self, cand: Candidate, metrics: list[str]) -> dict[str, float]:
@@ -177,17 +204,19 @@ class Measurer:
         return values
 
     def _flops(self, cand: Candidate):
-        guided = self.settings.guidance != 1
         stages = []
         for net, cfg, r in self.stages(cand):
             static = net.extract(cfg)
             stages.append(GenerationStage(static, self._stage_inputs(net, static, r, 1), self.settings.steps,
-                                          guided, name=f"{net.family}@{r}"))
+                                          self.guided, name=f"{net.family}@{r}"))
+        if self.codec is not None:
+            stages.append(GenerationStage(self.codec.decoder_module(), self._decoder_inputs(cand), 1, False,
+                                          name="decode"))
         return {"flops": float(generation_flops(stages))}, {"convention": "1 multiply-add = 1 FLOP"}
 
     def _latency(self, cand: Candidate):
         s = self.settings
-        batch = 2 if s.guidance != 1 else 1  # conditional + null text in one batch
+        batch = 2 if self.guided else 1  # conditional + null text in one batch
         per_stage, total = [], 0.0
         for net, cfg, r in self.stages(cand):
             if s.latency == "predicted":
@@ -204,9 +233,15 @@ class Measurer:
                 per_stage.append({"stage": f"{net.family}@{r}", "forward_ms": ms, "iqr_ms": res.iqr_ms,
                                   "n_runs": res.n_runs, "device_name": res.device_name})
             total += ms * s.steps
+        if self.codec is not None:  # decoding the latents, once per video (measured in both modes)
+            res = measure_latency(self.codec.decoder_module().to(s.device), self._decoder_inputs(cand),
+                                  device=s.device, threads=s.threads, min_run_time=s.min_run_time)
+            per_stage.append({"stage": "decode", "forward_ms": res.median_ms, "iqr_ms": res.iqr_ms})
+            total += res.median_ms
         extra = {"stages": per_stage, "threads": s.threads, "dtype": "float32", "batch_per_forward": batch,
-                 "frames": self.base.hyper.frames, "resolution": cand.resolution, "steps": s.steps,
-                 "definition": "sum over stages of steps x median forward latency (CFG pair batched)"}
+                 "frames": self.pixel_frames, "resolution": self.pixel_resolution(cand), "steps": s.steps,
+                 "definition": "sum over stages of steps x median forward latency (CFG pair batched)"
+                               + (" + one decode" if self.codec is not None else "")}
         return {"latency_ms": total}, extra
 
     # -- quality -------------------------------------------------------------------------------------
@@ -222,8 +257,8 @@ class Measurer:
 
         s = self.settings
         extractor = self._fvd_context()
-        return FVDProtocol(num_real=s.real_videos, num_fake=s.fvd_videos, frames=self.base.hyper.frames,
-                           resolution=cand.resolution, extractor=extractor.name, dataset="synthetic",
+        return FVDProtocol(num_real=s.real_videos, num_fake=s.fvd_videos, frames=self.pixel_frames,
+                           resolution=self.pixel_resolution(cand), extractor=extractor.name, dataset="synthetic",
                            split="heldout", real_seed=0, seed=s.seed, repeats=s.fvd_repeats)
 
     def _quality_protocol(self, cand: Candidate) -> str:
@@ -236,7 +271,8 @@ class Measurer:
         s = self.settings
         extractor = self._fvd_context()
         protocol = self._protocol(cand)
-        chain = Chain(self.base, self.ssr, self.text, cand.base, cand.ssr_stages(cand.base.resolution))
+        chain = Chain(self.base, self.ssr, self.text, cand.base, cand.ssr_stages(cand.base.resolution),
+                      codec=self.codec)
         prompts = heldout_prompts(protocol)
         videos_seen: list[tuple[torch.Tensor, list[str]]] = []
 

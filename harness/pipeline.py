@@ -1,4 +1,5 @@
-"""Text-to-video generation through the pixel chain: base model, then the SSR model applied recursively.
+"""Text-to-video generation through the pixel chain: base model, then the SSR model applied recursively;
+or, for a latent family, the latent denoiser followed by the autoencoder's decoder.
 
 ``generate`` works with supernets at given subnets and with extracted static subnets alike; the metrics
 (FVD, latency of a whole generation) call it, and so does ``python -m harness.sample``.
@@ -12,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from harness.diffusion import bind_subnet, ddim_sample, noise_augment, null_context
+from harness.latent import LatentCodec
 from search_spaces import SubnetConfig, Supernet
 
 
@@ -25,6 +27,12 @@ class Chain:
     text_encoder: object | None = None
     base_subnet: SubnetConfig | None = None
     ssr_subnets: dict[int, SubnetConfig] = field(default_factory=dict)
+    codec: LatentCodec | None = None  # latent families: decodes the base model's latents to pixels
+
+    @property
+    def channels(self) -> int:
+        """Channels the base model denoises (3 for pixels, the latent channels otherwise)."""
+        return self.base.spec.in_channels
 
     @property
     def base_resolution(self) -> int:
@@ -45,6 +53,9 @@ class Chain:
             out.append(out[-1] * 2)
         if out[-1] != resolution:
             raise ValueError(f"resolution {resolution} is not the base resolution {out[0]} times a power of 2")
+        if len(out) > 1 and self.codec is not None:
+            raise ValueError(f"a latent model generates at its own latent sizes; resolution {resolution} is not "
+                             f"{out[0]}")
         if len(out) > 1 and self.ssr is None:
             raise ValueError(f"resolution {resolution} needs the super-resolution model; pass --ssr-checkpoint")
         return out
@@ -69,7 +80,10 @@ def _base_denoiser(chain: Chain):
 def generate(chain: Chain, prompts: list[str], resolution: int | None = None, steps: int = 20,
              ssr_steps: int | None = None, guidance: float = 3.0, seed: int = 0, aug_level: float = 0.2,
              progress: bool = False) -> torch.Tensor:
-    """Generate one video per prompt: ``(B, 3, T, R, R)`` in [-1, 1]. Deterministic by ``seed``."""
+    """Generate one video per prompt: ``(B, 3, T, R, R)`` in [-1, 1]. Deterministic by ``seed``.
+
+    With a latent codec, ``resolution`` is the latent size and the decoded video is
+    ``(B, 3, T * d_t, R * d_h, R * d_w)``."""
     resolution = resolution or chain.base_resolution
     stages = chain.stages(resolution)
     b, frames = len(prompts), chain.frames
@@ -77,8 +91,11 @@ def generate(chain: Chain, prompts: list[str], resolution: int | None = None, st
     context = chain.text_encoder.encode(prompts) if chain.text_encoder is not None else None
     bar = (lambda it: tqdm(it, leave=False, desc="denoise")) if progress else None
 
-    video = ddim_sample(_base_denoiser(chain), (b, 3, frames, stages[0], stages[0]), context,
-                        null_context(chain.base, b), steps=steps, guidance=guidance, generator=g, progress=bar)
+    video = ddim_sample(_base_denoiser(chain), (b, chain.channels, frames, stages[0], stages[0]), context,
+                        null_context(chain.base, b), steps=steps, guidance=guidance, generator=g, progress=bar,
+                        clip=chain.codec is None)
+    if chain.codec is not None:
+        return chain.codec.decode(video)
     for r in stages[1:]:
         level = torch.full((b,), aug_level)
         low = noise_augment(video, level, generator=g)

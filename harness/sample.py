@@ -12,6 +12,7 @@ import torch
 
 from harness.checkpoints import DEFAULT_BASE, DEFAULT_SSR, load_model, text_encoder_name
 from harness.cli import run_cli
+from harness.latent import find_codec
 from harness.pipeline import Chain, generate
 from harness.text_encoder import load_text_encoder
 from harness.video_io import save_frame_grid, save_gif
@@ -25,8 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subnet", default=None, help="JSON file of the base subnet config (default: largest)")
     p.add_argument("--ssr-subnet", default=None, help="JSON file of the SSR subnet config (ratios reused "
                    "at every upscaling stage; default: largest within each stage's size cap)")
-    p.add_argument("--prompt", action="append", required=True, help="text prompt (repeatable)")
-    p.add_argument("--resolution", type=int, default=None, help="output side in pixels (default: base's)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text prompt (repeatable; unconditional models: one video per prompt, text ignored)")
+    p.add_argument("--num-videos", type=int, default=1, help="videos to generate when no --prompt is given")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="output side in pixels (latent families: the latent side; default: the base model's)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps per stage")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -45,10 +49,14 @@ def _read_config(path: str, model) -> SubnetConfig:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     base = load_model(args.checkpoint)
+    if not args.prompt and base.spec.context_dim:
+        raise ValueError("this model is text-conditioned: pass --prompt \"...\"")
+    prompts = args.prompt or [""] * args.num_videos
     resolution = args.resolution
     base_res = (base.space.default_resolution if isinstance(base, Supernet) else base.subnet_config.resolution)
     ssr = load_model(args.ssr_checkpoint) if resolution and resolution > base_res else None
-    chain = Chain(base, ssr, load_text_encoder(text_encoder_name(base)))
+    text = load_text_encoder(text_encoder_name(base)) if base.spec.context_dim else None  # latent: unconditional
+    chain = Chain(base, ssr, text, codec=find_codec(base))
     if args.subnet:
         if not isinstance(base, Supernet):
             raise ValueError("--subnet applies to a supernet checkpoint; this checkpoint is already a subnet")
@@ -58,7 +66,7 @@ def main(argv=None) -> None:
         chain.ssr_subnets = {r: ssr.space.validate(cfg.replace(resolution=r))
                              for r in chain.stages(resolution)[1:]}
     torch.set_grad_enabled(False)
-    video = generate(chain, args.prompt, resolution, steps=args.steps, guidance=args.guidance, seed=args.seed,
+    video = generate(chain, prompts, resolution, steps=args.steps, guidance=args.guidance, seed=args.seed,
                      progress=True)
     out = save_gif(video, args.out)
     grid = save_frame_grid(video, Path(args.out).with_suffix(".png"))

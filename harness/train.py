@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-every", type=int, default=d.sample_every, help="iterations per sample GIF (0: off)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="iterations per log.jsonl line")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (bit-exact)")
+    p.add_argument("--autoencoder", default=None,
+                   help="latent families: trained video autoencoder directory (python -m harness.autoencoder_train)")
     p.add_argument("--init", default=None,
                    help="start from this supernet directory's weights (e.g. a shipped one), fresh optimizer")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -22,4 +22,4 @@ def tiny_nets():
     from search_spaces import build_supernet
 
     return {fam: randomize_(build_supernet(fam, "tiny"), seed=i)
-            for i, fam in enumerate(["pixel-base", "pixel-ssr"])}
+            for i, fam in enumerate(["pixel-base", "pixel-ssr", "latent-unet"])}

@@ -31,7 +31,7 @@ from harness.metrics.flops import (
 )
 
 FRAMES = 2  # keeps the traced forwards cheap; temporal attention still sees several frames
-FAMILIES = ["pixel-base", "pixel-ssr"]
+FAMILIES = ["pixel-base", "pixel-ssr", "latent-unet"]
 POINTS = ["largest", "sampled", "smallest"]
 
 

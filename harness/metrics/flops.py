@@ -81,6 +81,9 @@ def _handles(elementwise: bool) -> dict[str, Any]:
         "aten::upsample_nearest3d": _per_output_element(1),
         "aten::upsample_bilinear2d": _per_output_element(4),
         "aten::upsample_trilinear3d": _per_output_element(8),
+        # Replicate padding of the autoencoder's convolutions: data movement, as fvcore's constant pad.
+        "aten::pad": _zero,
+        "aten::replication_pad3d": _zero,
     }
     per_element = _per_output_element(1) if elementwise else _zero
     handles.update({op: per_element for op in ELEMENTWISE_OPS})

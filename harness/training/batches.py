@@ -70,7 +70,9 @@ class Batch:
 
 def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolution: int, global_batch: int,
                rank: int = 0, world: int = 1, cond_drop: float = 0.1, super_resolution: bool = False,
-               max_noise_level: float = 0.5) -> Batch:
+               max_noise_level: float = 0.5, encode=None) -> Batch:
+    """One rank's share of step ``step``'s global batch. ``encode`` (latent families) maps a pixel clip
+    batch ``(1, 3, T, R, R)`` to the latents the supernet denoises; ``resolution`` is then in pixels."""
     indices = step_rng(seed, step, 2).integers(0, len(source), size=global_batch)
     mine = list(range(rank, global_batch, world))
     sched = train_scheduler()
@@ -78,6 +80,8 @@ def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolu
     for j in mine:
         g = sample_generator(seed, step, j)
         clip = source.clip(int(indices[j]), resolution)
+        if encode is not None:
+            clip = encode(clip[None])[0]
         noises.append(torch.randn(clip.shape, generator=g))
         ts.append(int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g)))
         drops.append(bool(torch.rand(1, generator=g) < cond_drop))

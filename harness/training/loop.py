@@ -21,7 +21,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from harness.autoencoder import load_autoencoder
 from harness.data import build_dataset
+from harness.latent import FOLDER as LATENT_FOLDER
+from harness.latent import LATENT_FILE, LatentCodec, is_latent
 from harness.diffusion import epsilon_loss
 from harness.text_encoder import load_text_encoder
 from harness.training.batches import ClipSource, make_batch, step_rng
@@ -56,6 +59,7 @@ class TrainOptions:
     resume: bool = False
     threads: int | None = None
     init: str | None = None          # start from this model directory's weights (fresh optimizer state)
+    autoencoder: str | None = None   # latent families: the trained video autoencoder directory
 
 
 def warmup_limits(step: int, warmup_steps: int) -> tuple[float, float]:
@@ -92,12 +96,15 @@ class Trainer:
         self.net = build_supernet(opts.family, opts.preset)
         self.init_hash = self._load_init(opts.init) if opts.init else None
         self.super_resolution = self.net.spec.cond_channels > 0
-        frames = self.net.hyper.frames
-        data_res = max(self.net.space.resolutions)
+        autoencoder = self._load_autoencoder(opts.autoencoder) if is_latent(self.net) else None
+        down = autoencoder.config.downsample if autoencoder is not None else (1, 1, 1)
+        frames = self.net.hyper.frames * down[0]
+        data_res = max(self.net.space.resolutions) * down[1]
         self.dataset = build_dataset(opts.data, "train", frames=frames, resolution=data_res, seed=opts.seed,
                                      captions=opts.captions,
                                      num_videos=opts.num_videos if opts.data == "synthetic" else None)
         self.source = ClipSource(self.dataset)
+        self.codec = self._fit_codec(autoencoder) if autoencoder is not None else None
         self.text = None
         if opts.text_encoder != "none" and self.net.spec.context_dim:
             self.text = load_text_encoder(opts.text_encoder, max_length=self.net.spec.context_len)
@@ -118,10 +125,12 @@ class Trainer:
         subnets = subnets_for_step(net, opts, step)
         resolution = subnets[0].resolution
 
-        # This rank's share of the global batch at that resolution.
-        batch = make_batch(self.source, self.text, seed=opts.seed, step=step, resolution=resolution,
+        # This rank's share of the global batch at that resolution (latent families: encoded pixel clips).
+        pixels = self.codec.pixel_resolution(resolution) if self.codec is not None else resolution
+        batch = make_batch(self.source, self.text, seed=opts.seed, step=step, resolution=pixels,
                            global_batch=opts.batch, rank=self.rank, world=self.world, cond_drop=opts.cond_drop,
-                           super_resolution=self.super_resolution)
+                           super_resolution=self.super_resolution,
+                           encode=self.codec.encode if self.codec is not None else None)
         kwargs = batch.model_kwargs(getattr(net, "null_text", None))
 
         # Diffusion loss of each subnet; in-place distillation targets the largest one's prediction.
@@ -150,6 +159,25 @@ class Trainer:
         return {"step": self.step, "Loss/train": float(loss), "Grad/norm": float(grad_norm),
                 "Subnet/resolution": resolution, "Subnet/params_frac": net.space.param_fraction(subnets[-1]),
                 "Warmup/min_ratio": warmup_limits(step, opts.warmup_steps)[0]}
+
+    def _load_autoencoder(self, path: str | None):
+        if not path:
+            raise ValueError(f"{self.opts.family} denoises autoencoder latents: pass --autoencoder DIR (train one "
+                             f"with python -m harness.autoencoder_train)")
+        autoencoder = load_autoencoder(path)
+        if autoencoder.config.z_channels != self.net.spec.in_channels:
+            raise ValueError(f"--autoencoder {path} has {autoencoder.config.z_channels} latent channels, the "
+                             f"supernet {self.net.spec.in_channels}; pass an autoencoder of this family's preset")
+        return autoencoder
+
+    def _fit_codec(self, autoencoder) -> LatentCodec:
+        """The latent scale, fitted on 16 fixed training clips at the default resolution (saved on resume)."""
+        saved = Path(self.opts.out) / LATENT_FOLDER
+        if self.opts.resume and (saved / LATENT_FILE).is_file():
+            return LatentCodec.load(saved)
+        res = self.net.space.default_resolution * autoencoder.config.downsample[1]
+        clips = torch.stack([self.source.clip(i % len(self.source), res) for i in range(16)])
+        return LatentCodec.fit(autoencoder, clips, source=self.opts.autoencoder)
 
     def _load_init(self, path: str) -> str:
         """Start from a saved supernet's weights (e.g. a shipped one, to train it longer); returns its hash."""
@@ -183,6 +211,7 @@ class Trainer:
                 "data": {"spec": self.opts.data, "captions": self.opts.captions, "num_videos": len(self.dataset),
                          "frames": self.net.hyper.frames},
                 "text_encoder": self.text.identity if self.text else None,
+                "latent": {"autoencoder": self.opts.autoencoder, "scale": self.codec.scale} if self.codec else None,
                 "init": {"path": self.opts.init, "sha256": self.init_hash} if self.opts.init else None,
                 "optimizer": self.optimizer.hyperparameters(), "torch_version": torch.__version__,
                 "rng": {"scheme": "stateless: numpy default_rng([seed, step, stream])", "seed": self.opts.seed},
@@ -224,6 +253,8 @@ def train(opts: TrainOptions, progress: bool = True, on_step=None) -> Trainer:
     if trainer.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1))
+        if trainer.codec is not None:
+            trainer.codec.save(out / LATENT_FOLDER)
     log = open(out / "log.jsonl", "a") if trainer.rank == 0 else None
     bar = tqdm(total=opts.steps, initial=trainer.step, disable=not progress or trainer.rank != 0,
                dynamic_ncols=True, desc=f"train {opts.family}")

@@ -32,9 +32,10 @@ def write_training_samples(trainer, steps: int = 10, guidance: float = 3.0, seed
     net.eval()
     for cfg in (space.largest(res), space.smallest(res)):
         g = torch.Generator().manual_seed(seed)
-        videos.append(ddim_sample(bind_subnet(net, cfg), (len(PROMPTS), 3, frames, res, res), context,
-                                  null_context(net, len(PROMPTS)) if context is not None else None, steps=steps,
-                                  guidance=guidance, generator=g, **conditioning))
+        video = ddim_sample(bind_subnet(net, cfg), (len(PROMPTS), net.spec.in_channels, frames, res, res), context,
+                            null_context(net, len(PROMPTS)) if context is not None else None, steps=steps,
+                            guidance=guidance, generator=g, clip=trainer.codec is None, **conditioning)
+        videos.append(trainer.codec.decode(video) if trainer.codec is not None else video)
     net.train(was_training)
     out = Path(trainer.opts.out) / "samples" / f"step_{trainer.step:07d}.gif"
     return save_gif(torch.cat(videos), out)  # rows: prompts; largest subnet first, then smallest
