@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 
 from harness.candidates import Candidate
 from harness.checkpoints import load_model
+from harness.cli import run_cli
 from harness.latent import FOLDER as LATENT_FOLDER
 from harness.latent import find_codec
-from harness.cli import run_cli
 from harness.store import optuna_storage, validate_storage_url
 from search_spaces import save_static
 

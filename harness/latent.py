@@ -56,7 +56,7 @@ class LatentCodec:
         return self.autoencoder.decode(latents / self.scale).clamp(-1, 1)
 
     @classmethod
-    def fit(cls, autoencoder: VideoAutoencoder, videos: torch.Tensor, source: str | None = None) -> "LatentCodec":
+    def fit(cls, autoencoder: VideoAutoencoder, videos: torch.Tensor, source: str | None = None) -> LatentCodec:
         """Codec whose scale is ``1 / std`` of the posterior means of ``videos`` ``(B, 3, T, H, W)``."""
         with torch.no_grad():
             std = float(autoencoder.eval().encode(videos).mode().float().std())
@@ -74,7 +74,7 @@ class LatentCodec:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> "LatentCodec":
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> LatentCodec:
         directory = Path(directory)
         meta_path = directory / LATENT_FILE
         if not meta_path.is_file():
@@ -83,7 +83,7 @@ class LatentCodec:
         meta = json.loads(meta_path.read_text())
         return cls(load_autoencoder(directory, device).float(), meta["scale"], meta.get("source"), directory)
 
-    def decoder_module(self) -> "LatentDecoder":
+    def decoder_module(self) -> LatentDecoder:
         """The decoding step as a module ``(latents) -> video`` (what FLOPs and latency measure)."""
         return LatentDecoder(self)
 

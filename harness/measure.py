@@ -14,9 +14,9 @@ import torch
 
 from harness.candidates import Candidate
 from harness.checkpoints import checkpoint_hash
+from harness.latent import find_codec
 from harness.metrics.flops import GenerationStage, generation_flops
 from harness.metrics.latency import device_description, measure_latency
-from harness.latent import find_codec
 from harness.pipeline import Chain, generate
 from harness.store import Store
 from search_spaces import Supernet, make_dummy_inputs

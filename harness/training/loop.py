@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from harness.autoencoder import load_autoencoder
 from harness.data import build_dataset
+from harness.diffusion import epsilon_loss
 from harness.latent import FOLDER as LATENT_FOLDER
 from harness.latent import LATENT_FILE, LatentCodec, is_latent
-from harness.diffusion import epsilon_loss
 from harness.text_encoder import load_text_encoder
 from harness.training.batches import ClipSource, make_batch, step_rng
 from harness.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
