@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fvd-videos", type=int, default=32, help="generated videos per FVD run")
     p.add_argument("--fvd-repeats", type=int, default=1, help="FVD runs averaged (mean ± std)")
     p.add_argument("--fvd-weights", default=None, help="I3D weights (default: offline proxy extractor)")
+    p.add_argument("--fvd-data", default="synthetic",
+                   help="real videos for FVD/KVD: 'synthetic' or a dataset folder (e.g. Sky Timelapse)")
+    p.add_argument("--fvd-split", default="heldout", help="split of --fvd-data holding the real videos")
+    p.add_argument("--real-videos", type=int, default=256, help="real videos for the FVD/KVD reference statistics")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per stage")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--device", default="cpu", help="device")
@@ -74,7 +78,8 @@ def main(argv=None) -> None:
     text = load_text_encoder(text_encoder_name(base), max_length=base.spec.context_len) if base.spec.context_dim \
         else None
     settings = MeasureSettings(steps=args.steps, fvd_videos=args.fvd_videos, fvd_repeats=args.fvd_repeats,
-                               fvd_weights=args.fvd_weights, threads=args.threads, device=args.device,
+                               fvd_weights=args.fvd_weights, fvd_data=args.fvd_data,
+                               fvd_split=args.fvd_split, real_videos=args.real_videos, threads=args.threads, device=args.device,
                                seed=args.seed)
     store = Store.open(url)
     measurer = Measurer(base, ssr, text, settings, store)

@@ -37,6 +37,8 @@ class MeasureSettings:
     real_videos: int = 256       # real heldout videos for the reference statistics
     fvd_repeats: int = 1         # FVD runs averaged (the paper: 10)
     fvd_weights: str | None = None  # I3D weights file; None = the offline proxy extractor
+    fvd_data: str = "synthetic"  # real videos: the built-in synthetic set or a dataset folder
+    fvd_split: str = "heldout"   # their split
     latency: str = "measured"    # "measured" (extracted static subnet) or "predicted" (lookup/regression)
     threads: int = 2
     device: str = "cpu"
@@ -258,12 +260,17 @@ class Measurer:
         s = self.settings
         extractor = self._fvd_context()
         return FVDProtocol(num_real=s.real_videos, num_fake=s.fvd_videos, frames=self.pixel_frames,
-                           resolution=self.pixel_resolution(cand), extractor=extractor.name, dataset="synthetic",
-                           split="heldout", real_seed=0, seed=s.seed, repeats=s.fvd_repeats)
+                           resolution=self.pixel_resolution(cand), extractor=extractor.name, dataset=s.fvd_data,
+                           split=s.fvd_split, real_seed=0, seed=s.seed, repeats=s.fvd_repeats)
 
     def _quality_protocol(self, cand: Candidate) -> str:
+        """E.g. ``fvd32_12f_16px@proxy-v1:real256:x1:ddim10:g3:seed0`` (+ a hash of a folder's real set)."""
+        from harness.metrics.fvd import real_stats_key
+
         s = self.settings
-        return f"{self._protocol(cand).name}:ddim{s.steps}:g{s.guidance:g}:seed{s.seed}"
+        p = self._protocol(cand)
+        real = "" if (p.dataset, p.split) == ("synthetic", "heldout") else f":{real_stats_key(p).split('_')[-1]}"
+        return f"{p.name}:real{p.num_real}{real}:x{p.repeats}:ddim{s.steps}:g{s.guidance:g}:seed{s.seed}"
 
     def _quality(self, cand: Candidate):
         from harness.metrics.fvd import evaluate_fvd, text_alignment

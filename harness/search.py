@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency of the extracted static subnet, or the predictor's estimate")
     p.add_argument("--fvd-videos", type=int, default=32, help="generated videos per FVD estimate")
     p.add_argument("--fvd-weights", default=None, help="I3D weights file (default: offline proxy extractor)")
+    p.add_argument("--fvd-data", default="synthetic",
+                   help="real videos for FVD/KVD: 'synthetic' or a dataset folder (e.g. Sky Timelapse)")
+    p.add_argument("--fvd-split", default="heldout", help="split of --fvd-data holding the real videos")
+    p.add_argument("--real-videos", type=int, default=256, help="real videos for the FVD/KVD reference statistics")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per stage when generating")
     p.add_argument("--no-plot", action="store_true", help="skip writing the front's plot")
     return p
@@ -181,6 +185,8 @@ def main(argv=None) -> None:
     text = load_text_encoder(text_encoder_name(base), max_length=base.spec.context_len) if base.spec.context_dim \
         else None
     settings = MeasureSettings(steps=args.steps, fvd_videos=args.fvd_videos, fvd_weights=args.fvd_weights,
+                               fvd_data=args.fvd_data,
+                               fvd_split=args.fvd_split, real_videos=args.real_videos,
                                latency=args.latency, threads=args.threads, device=args.device, seed=args.seed,
                                # SQLite is one process by contract: a claim left there is a killed run's.
                                claim_timeout_s=0.0 if url.startswith("sqlite") else 1800.0)

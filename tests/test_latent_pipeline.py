@@ -110,16 +110,38 @@ def _run(module, *args, timeout=600):
     return proc.stdout
 
 
+def _write_sky(root: Path, clips_per_split: int = 4, frames: int = 16, size: int = 40) -> Path:
+    """A Sky-Timelapse-shaped folder (``<split>/<video>/<clip>/*.jpg``, no captions): drifting gradients."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for v in range(clips_per_split):
+            folder = root / split / f"{split}{v}" / f"{split}{v}_1"
+            folder.mkdir(parents=True)
+            base = rng.uniform(0, 255, 3)
+            for k in range(frames):
+                x = np.linspace(0, 1, size)[None, :, None] + 0.05 * k
+                image = (base * (0.5 + 0.5 * np.sin(6 * x + v))).clip(0, 255).astype(np.uint8)
+                Image.fromarray(np.broadcast_to(image, (size, size, 3)).copy()).save(
+                    folder / f"{split}{v}_frames_{k + 1:08d}.jpg")
+    return root
+
+
 @pytest.mark.slow
 def test_train_then_search_export_and_sample_the_latent_family(tmp_path):
+    """Unconditional, on a Sky-Timelapse folder: autoencoder -> latent supernet -> search (FVD against the
+    folder's test split) -> export -> sample the exported subnet."""
+    sky = str(_write_sky(tmp_path / "sky"))
     ae, run, db = tmp_path / "ae", tmp_path / "run", f"sqlite:///{tmp_path / 'latent.db'}"
-    _run("harness.autoencoder_train", "--resolutions", "32,64", "--steps", "4", "--num-videos", "8",
+    _run("harness.autoencoder_train", "--data", sky, "--resolutions", "32,64", "--steps", "4",
          "--out", str(ae), "--threads", "1")
-    _run("harness.train", "--family", "latent-unet", "--autoencoder", str(ae), "--steps", "4", "--batch", "2",
-         "--num-videos", "8", "--warmup-steps", "0", "--checkpoint-every", "2", "--out", str(run), "--threads", "1")
+    _run("harness.train", "--family", "latent-unet", "--data", sky, "--autoencoder", str(ae), "--steps", "4",
+         "--batch", "2", "--warmup-steps", "0", "--checkpoint-every", "2", "--out", str(run), "--threads", "1")
     assert json.loads((run / "autoencoder" / "latent.json").read_text())["source"] == str(ae)
 
     out = _run("harness.search", "--checkpoint", str(run), "--trials", "3", "--storage", db, "--study", "lat",
+               "--fvd-data", sky, "--fvd-split", "test", "--real-videos", "4",
                "--fvd-videos", "4", "--steps", "2", "--threads", "1", "--no-plot")
     assert "Pareto front of 'lat'" in out
     df = Store(db).measurements_frame()
@@ -129,6 +151,7 @@ def test_train_then_search_export_and_sample_the_latent_family(tmp_path):
     fvd = ok[ok.metric == "fvd"].iloc[0]
     extra = json.loads(fvd.extra) if isinstance(fvd.extra, str) else fvd.extra
     assert (extra["protocol"]["resolution"], extra["protocol"]["frames"]) == (32, 16)
+    assert (extra["protocol"]["dataset"], extra["protocol"]["split"], extra["protocol"]["num_real"]) == (sky, "test", 4)
     assert (ok[ok.metric == "text_alignment"].value == -1).all()  # unconditional: not applicable
 
     _run("harness.export", "--storage", db, "--study", "lat", "--trial", "0", "--out", str(tmp_path / "exp"))
