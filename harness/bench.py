@@ -101,7 +101,7 @@ def training(threads: int, n_configs: int = 6, batch: int = 4) -> dict:
         inputs = net.dummy_inputs(cfg, batch_size=batch)
         static = net.extract(cfg)
         t_super = _train_step_time(net, lambda: net(**inputs, subnet=cfg), list(net.named_parameters()),
-                                   lambda m: m.active_masks(cfg))
+                                   lambda m: m.active_regions(cfg))
         t_static = _train_step_time(static, lambda: static(**inputs), list(static.named_parameters()), None)
         ratios.append(t_super / t_static)
     return {"training/super_over_static_step_median": (statistics.median(ratios), "max", 1.35)}

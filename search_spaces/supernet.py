@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -66,6 +67,20 @@ class Supernet(VideoUNet):
             mask.view(-1)[take(idx, ranges).reshape(-1)] = True
             masks[name] = mask
         return masks
+
+    def active_regions(self, cfg: SubnetConfig) -> dict[str, list[tuple[slice, ...]]]:
+        """Like ``active_masks``, as disjoint boxes instead of masks: per parameter, the blocks
+        ``(slice(a0, b0), slice(a1, b1), ...)`` the subnet uses - one leading block for first-k slicing,
+        one per segment for a decoder input ``[h | skip]``. No tensor is built; ``MaskedAdamW``,
+        ``MaskedEMA`` and ``masked_clip_grad_norm_`` update such regions in place."""
+        shapes = {name: p.shape for name, p in self.named_parameters()}
+        regions = {}
+        for name, ranges in self.active_ranges(cfg).items():
+            shape = shapes[name]
+            dims = [[(0, shape[d])] if d >= len(ranges) or ranges[d] is None else ranges[d]
+                    for d in range(len(shape))]
+            regions[name] = [tuple(slice(a, b) for a, b in block) for block in itertools.product(*dims)]
+        return regions
 
     def extract(self, cfg: SubnetConfig) -> VideoUNet:
         """A static ``VideoUNet`` of the subnet with copied weights (same forward signature)."""

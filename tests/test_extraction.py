@@ -59,6 +59,14 @@ def test_masks_match_counts(family, tiny_nets):
     cfg = net.space.sample(5)
     masks = net.active_masks(cfg)
     assert sum(int(m.sum()) for m in masks.values()) == net.count_params(cfg)
+    from harness.training.masked_optim import box_to_mask
+
+    params = dict(net.named_parameters())
+    regions = net.active_regions(cfg)
+    assert regions.keys() == masks.keys()
+    for name, region in regions.items():
+        assert torch.equal(box_to_mask(params[name], region), masks[name]), name
+        assert sum(params[name][box].numel() for box in region) == int(masks[name].sum())  # disjoint
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -284,3 +284,64 @@ def test_ema_warmup_copy_to_and_bad_masks() -> None:
         opt.step({"nope": None})
     with pytest.raises(ValueError):
         opt.step({"head.bias": torch.ones(2, dtype=torch.bool)})
+
+
+
+def _boxes_and_masks(params: dict[str, Tensor], seed: int):
+    """A random leading box per parameter, as a box and as the equivalent mask."""
+    from harness.training.masked_optim import box_to_mask
+
+    rng = torch.Generator().manual_seed(seed)
+    boxes = {n: tuple(slice(0, int(torch.randint(1, d + 1, (1,), generator=rng))) for d in p.shape)
+             for n, p in params.items()}
+    return boxes, {n: box_to_mask(params[n], b) for n, b in boxes.items()}
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_box_regions_are_bit_identical_to_masks(weight_decay: float) -> None:
+    """The fast path (leading boxes, in place, ``_foreach``) against the mask path over several steps:
+    weights, Adam state, step counts, EMA and EMA counts all equal bit for bit."""
+    runs = []
+    for use_boxes in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Conv1d(8, 5, 3))
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, weight_decay=weight_decay)
+        ema = MaskedEMA(model.named_parameters(), decay=0.9)
+        for step in range(4):
+            boxes, masks = _boxes_and_masks(dict(model.named_parameters()), seed=step)
+            active = boxes if use_boxes else masks
+            g = torch.Generator().manual_seed(100 + step)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step(active)
+            ema.update(model.named_parameters(), active)
+        runs.append(snapshot(model, opt, ema))
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def test_box_clipping_scales_only_the_box() -> None:
+    params = {"a": nn.Parameter(torch.zeros(4, 3)), "b": nn.Parameter(torch.zeros(5))}
+    boxes, masks = _boxes_and_masks(params, seed=3)
+    grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 10 for n, p in params.items()}
+    results = []
+    for active in (masks, boxes):
+        for n, p in params.items():
+            p.grad = grads[n].clone()
+        norm = masked_clip_grad_norm_(params.items(), active, max_norm=1.0)
+        results.append((norm, {n: p.grad.clone() for n, p in params.items()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for n in params:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n])
+        assert torch.equal(results[1][1][n][~masks[n]], grads[n][~masks[n]])
+
+
+def test_bad_boxes_are_refused() -> None:
+    model = nn.Linear(3, 2)
+    opt = MaskedAdamW(model.named_parameters())
+    model.weight.grad = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="one slice"):
+        opt.step({"weight": (slice(0, 1),)})
+    with pytest.raises(ValueError, match="one slice"):
+        opt.step({"weight": (slice(0, 2), slice(0, 4))})  # past the end of the parameter

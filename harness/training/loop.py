@@ -190,7 +190,11 @@ class Trainer:
         self.net.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
         return checkpoint_hash(model.checkpoint_dir)
 
-    def _union_masks(self, subnets) -> dict[str, torch.Tensor]:
+    def _union_masks(self, subnets) -> dict:
+        """Active entries of this step: the subnet's regions (boxes where it can), or for the sandwich
+        the union of its subnets' masks."""
+        if len(subnets) == 1:
+            return self.net.active_regions(subnets[0])
         active: dict[str, torch.Tensor] = {}
         for cfg in subnets:
             for name, mask in self.net.active_masks(cfg).items():
