@@ -178,9 +178,36 @@ def write_plots(df: pd.DataFrame, objectives: Objectives, out: str | Path) -> li
     return [path for path, _ in jobs]
 
 
+def plot_training_logs(logs: Sequence[str | Path], path: str | Path) -> Path:
+    """Training loss against step for one or more ``log.jsonl`` files (raw, and a 50-point running mean)."""
+    import json
+
+    import numpy as np
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    for log in logs:
+        log = Path(log)
+        if not log.is_file():
+            raise ValueError(f"training log {log} does not exist; pass a run's log.jsonl")
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        steps = np.array([r["step"] for r in rows])
+        loss = np.array([r["Loss/train"] for r in rows])
+        line, = ax.plot(steps, loss, alpha=0.25, lw=0.8)
+        k = min(50, len(loss))
+        ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color=line.get_color(),
+                label=f"{log.parent.name} (running mean of {k})")
+    ax.set(xlabel="step", ylabel="diffusion loss (epsilon MSE)", yscale="log", title="supernet training loss")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return Path(path)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness.plot", description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", required=True, help="store URL (sqlite:///path.db, postgresql://...)")
+    parser.add_argument("--storage", help="store URL (sqlite:///path.db, postgresql://...)")
+    parser.add_argument("--training-log", action="append",
+                        help="instead of a store: a training run's log.jsonl (repeatable) -> loss curve PNG")
     parser.add_argument("--study", action="append", help="study name (repeat for several; default: all)")
     objectives = ", ".join([*analysis.MINIMIZE, *analysis.ALIASES])
     parser.add_argument("--objective", action="append", help=f"two of {objectives} (default: latency, fvd)")
@@ -193,6 +220,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m harness.plot``; bad input raises ``ValueError`` (one line, see run_cli)."""
     args = _parser().parse_args(argv)
+    if args.training_log:
+        print(plot_training_logs(args.training_log, Path(args.out) / "training_loss.png"))
+        return
+    if not args.storage:
+        raise ValueError("pass --storage URL (or --training-log FILE for a loss curve)")
     objectives = analysis.resolve_objectives(args.objective or DEFAULT_OBJECTIVES)
     if len(objectives) != 2:
         raise ValueError(f"give exactly two --objective options, got {len(objectives)}")

@@ -371,3 +371,18 @@ def test_notebook_executes_against_the_fixture_store(store_url: str, monkeypatch
     assert len(images) >= 3
     text = "".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in outputs)
     assert "SNED-B" in text and "spearman" in text.lower()
+
+
+def test_plot_cli_draws_training_loss_curves(tmp_path: Path) -> None:
+    import json
+
+    from PIL import Image
+
+    log = tmp_path / "run" / "log.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps({"step": s, "Loss/train": 1.0 / s}) + "\n" for s in range(1, 121)))
+    plot_main(["--training-log", str(log), "--out", str(tmp_path / "plots")])
+    with Image.open(tmp_path / "plots" / "training_loss.png") as image:
+        assert image.size[0] > 300
+    with pytest.raises(ValueError, match="does not exist"):
+        plot_main(["--training-log", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
