@@ -82,8 +82,7 @@ def main(argv=None) -> None:
                                fvd_split=args.fvd_split, real_videos=args.real_videos, threads=args.threads, device=args.device,
                                seed=args.seed)
     store = Store.open(url)
-    measurer = Measurer(base, ssr, text, settings, store)
-    measurer._fvd = extractor
+    measurer = Measurer(base, ssr, text, settings, store, extractor=extractor)
     values = measurer.measure(cand, [METRIC_NAMES[m] for m in metrics])
     print(f"{cand.describe(base, ssr)}  (key {cand.key[:12]}, recorded in {redact_url(url)})")
     print(f"{'metric':<16} {'value':>14} {'std':>10}")

@@ -62,14 +62,15 @@ class Measurer:
     """Measures candidates of one (base[, SSR]) pipeline and records everything in ``store``."""
 
     def __init__(self, base: Supernet, ssr: Supernet | None, text_encoder, settings: MeasureSettings,
-                 store: Store | None, worker: str = "main", predictors: dict | None = None):
-        """``store=None`` gives a probe that can compute figures but records nothing."""
+                 store: Store | None, worker: str = "main", predictors: dict | None = None, extractor=None):
+        """``store=None`` gives a probe that can compute figures but records nothing. ``extractor``: the FVD
+        feature extractor, when the caller resolved it already (else resolved on first use)."""
         self.base, self.ssr, self.text, self.settings, self.store = base, ssr, text_encoder, settings, store
         self.worker = worker
         self.device_name = device_description(settings.device)
         self.predictors = predictors or {}
         self.codec = find_codec(base)  # latent families: the autoencoder, decoding is part of a generation
-        self._fvd = None
+        self._fvd = extractor
         self.supernet_id = self._supernet_row() if store is not None else None
 
     def _supernet_row(self) -> int:

@@ -204,8 +204,7 @@ def main(argv=None) -> None:
     # Only now is anything written: the store, then the study.
     store = Store.open(url)
     measurer = Measurer(base, ssr, text, settings, store, worker=f"{socket.gethostname()}:{os.getpid()}",
-                        predictors=predictors)
-    measurer._fvd = extractor
+                        predictors=predictors, extractor=extractor)
     name = args.study or default_study_name(base, resolution, objectives, args.searcher, args.seed)
     with store.exclusive("optuna-schema"):  # workers starting together must not race on Optuna's DDL
         storage = optuna_storage(url, heartbeat_interval=None if url.startswith("sqlite") else 10,
