@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-videos", type=int, default=256, help="real videos for the FVD/KVD reference statistics")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per stage when generating")
     p.add_argument("--no-plot", action="store_true", help="skip writing the front's plot")
+    p.add_argument("--anchors", default="0.4,0.6,0.8,1.0",
+                   help="parameter fractions whose balanced subnets a new Optuna study evaluates first (the "
+                        "paper's SNED-S/M/L/B points, marked in the plots); '' for none")
     return p
 
 
@@ -128,10 +131,11 @@ def default_study_name(base: Supernet, resolution: int, objectives: list[str], s
 
 # -- trial bookkeeping -------------------------------------------------------------------------------
 def used_trials(study: optuna.Study) -> int:
-    """Trials that count towards the budget: finished, running, or failed by a measurement."""
+    """Trials that count towards the budget: finished, running, or failed by a measurement. Queued
+    (WAITING) trials do not: ``study.ask`` hands them out before it creates new ones."""
     n = 0
     for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING):
+        if t.state in (TrialState.COMPLETE, TrialState.RUNNING):
             n += 1
         elif t.state == TrialState.FAIL and t.user_attrs.get("measurement_failed"):
             n += 1
@@ -191,6 +195,7 @@ def main(argv=None) -> None:
                                # SQLite is one process by contract: a claim left there is a killed run's.
                                claim_timeout_s=0.0 if url.startswith("sqlite") else 1800.0)
     encoding = CandidateEncoding(base.space, ssr.space if ssr else None, resolution, base.space.default_resolution)
+    anchors = anchor_candidates(base, ssr, encoding, args.anchors)
     smallest = Candidate(base.space.smallest(),
                          ssr.space.smallest(resolution) if ssr is not None else None)
 
@@ -212,6 +217,9 @@ def main(argv=None) -> None:
         sampler = optuna_sampler(args.searcher if args.searcher != "evolution" else "random", args.seed)
         study = optuna.create_study(study_name=name, storage=storage, directions=["minimize"] * len(objectives),
                                     sampler=sampler, load_if_exists=True)
+        if args.searcher != "evolution" and not study.get_trials(deepcopy=False):
+            for fraction, cand in anchors[: args.trials]:
+                study.enqueue_trial(encoding.params(cand), user_attrs={"anchor_fraction": fraction})
     if len(study.directions) != len(objectives):
         raise ValueError(f"study '{name}' exists with {len(study.directions)} objectives; use another --study")
     study.set_user_attr("objectives", objectives)
@@ -229,6 +237,24 @@ def main(argv=None) -> None:
     from harness.report import report_front
 
     report_front(url, name, objectives, base, ssr, plot=not args.no_plot)
+
+
+def anchor_candidates(base: Supernet, ssr: Supernet | None, encoding: CandidateEncoding,
+                      anchors: str) -> list[tuple[float, Candidate]]:
+    """The balanced subnet at each fraction of ``anchors`` (base and, for a chain, SSR at that fraction,
+    shrunk into the size caps) as candidates of this search."""
+    try:
+        fractions = [float(f) for f in anchors.split(",") if f.strip()]
+    except ValueError:
+        raise ValueError(f"--anchors takes comma-separated fractions such as 0.4,1.0, got '{anchors}'") from None
+    if any(not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"--anchors fractions must lie in (0, 1], got '{anchors}'")
+    out = []
+    for f in fractions:
+        cand = Candidate(base.space.subnet_at_fraction(f),
+                         ssr.space.subnet_at_fraction(f, encoding.resolution) if encoding.chain else None)
+        out.append((f, encoding.decode(encoding.params(cand))))
+    return out
 
 
 def run_search(study, storage, store, searcher, measurer, objectives, metrics, args, url) -> None:

@@ -48,6 +48,11 @@ def test_main_command_end_to_end_with_plot(tmp_path):
     assert plot.is_file() and plot.stat().st_size > 1000
     trials = completed(url, "pixel-base-tiny-16px-latency+fvd-tpe-seed0")
     assert len(trials) == 3 and all(len(t.values) == 2 for t in trials)
+    # A new study starts with the paper's 40/60/80% balanced subnets (as many anchors as trials allow).
+    anchors = sorted(t.user_attrs["anchor_fraction"] for t in trials if "anchor_fraction" in t.user_attrs)
+    assert anchors == [0.4, 0.6, 0.8]
+    for t in trials:
+        assert t.user_attrs["param_fraction"] == pytest.approx(t.user_attrs["anchor_fraction"], abs=0.03)
 
 
 @pytest.mark.slow
