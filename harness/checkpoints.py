@@ -80,6 +80,11 @@ def text_encoder_name(model) -> str:
     return "minilm"
 
 
+def _trained_steps(directory: str | Path) -> int | None:
+    config = Path(directory) / "config.json"
+    return json.loads(config.read_text()).get("trained_steps") if config.is_file() else None
+
+
 def export_supernet(run_or_checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write a training run's EMA supernet as a shippable ``save_pretrained`` directory (fp16 by default)."""
     from search_spaces.unet import save_module
@@ -88,6 +93,8 @@ def export_supernet(run_or_checkpoint: str | Path, out: str | Path, dtype: torch
     meta = json.loads((net.checkpoint_dir / "training.json").read_text())
     config = net.config_dict() | {"text_encoder_name": meta["options"]["text_encoder"],
                                   "trained_steps": meta["step"], "text_encoder": meta["text_encoder"]}
+    if meta.get("init"):  # trained further from another supernet: its steps come on top of these
+        config["init"] = meta["init"] | {"trained_steps": _trained_steps(meta["init"]["path"])}
     save_module(net.to(dtype), out, config)
     from harness.latent import FOLDER, find_codec
 
