@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -90,6 +91,13 @@ def main(argv=None) -> None:
         name = METRIC_NAMES[m]
         std = values.get(f"{name}_std")
         print(f"{m:<16} {values.get(name, float('nan')):>14.6g} {'' if std is None else f'{std:.4g}':>10}")
+    if "text_alignment" in metrics:
+        row = store.find_measurement(measurer.candidate_id(cand), "text_alignment",
+                                     measurer.quality_protocol(cand), measurer.device_name)
+        extra = json.loads(row.extra) if row is not None and isinstance(row.extra, str) else (row and row.extra)
+        by_attribute = (extra or {}).get("text_alignment_by_attribute")
+        if by_attribute:
+            print("text alignment by attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in by_attribute.items()))
     if extractor is not None:
         print(f"FVD/KVD extractor: {extractor.name}; latency per generated video on {measurer.device_name}")
 

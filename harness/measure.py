@@ -201,7 +201,7 @@ class Measurer:
                                               lambda: self._latency(cand)))
         quality = [m for m in ("fvd", "kvd", "text_alignment") if m in metrics]
         if quality:
-            protocol = self._quality_protocol(cand)
+            protocol = self.quality_protocol(cand)
             values.update(self._measure_group(cid, ["fvd", "kvd", "text_alignment"], protocol, self.device_name,
                                               lambda: self._quality(cand)))
         return values
@@ -264,7 +264,7 @@ class Measurer:
                            resolution=self.pixel_resolution(cand), extractor=extractor.name, dataset=s.fvd_data,
                            split=s.fvd_split, real_seed=0, seed=s.seed, repeats=s.fvd_repeats)
 
-    def _quality_protocol(self, cand: Candidate) -> str:
+    def quality_protocol(self, cand: Candidate) -> str:
         """E.g. ``fvd32_12f_16px@proxy-v1:real256:x1:ddim10:g3:seed0`` (+ a hash of a folder's real set)."""
         from harness.metrics.fvd import real_stats_key
 
@@ -274,7 +274,7 @@ class Measurer:
         return f"{p.name}:real{p.num_real}{real}:x{p.repeats}:ddim{s.steps}:g{s.guidance:g}:seed{s.seed}"
 
     def _quality(self, cand: Candidate):
-        from harness.metrics.fvd import evaluate_fvd, text_alignment
+        from harness.metrics.fvd import evaluate_fvd, text_alignment, text_alignment_by_attribute
 
         s = self.settings
         extractor = self._fvd_context()
@@ -295,12 +295,14 @@ class Measurer:
             return torch.cat(out)
 
         result = evaluate_fvd(protocol, generate_fn, extractor, progress=False)
-        align = text_alignment(torch.cat([v for v, _ in videos_seen]), [p for _, ps in videos_seen for p in ps],
-                               extractor) if self.text is not None else float("nan")
+        all_videos, all_prompts = torch.cat([v for v, _ in videos_seen]), [p for _, ps in videos_seen for p in ps]
+        conditioned = self.text is not None and hasattr(extractor, "predict_attributes")
+        align = text_alignment(all_videos, all_prompts, extractor) if conditioned else float("nan")
+        by_attribute = text_alignment_by_attribute(all_videos, all_prompts, extractor) if conditioned else {}
         values = {"fvd": result.fvd_mean, "fvd_std": result.fvd_std, "kvd": result.kvd_mean,
                   "kvd_std": result.kvd_std, "text_alignment": align}
         extra = {"protocol": protocol.to_dict(), "extractor": extractor.name, "runs": result.to_dict(),
-                 "settings": asdict(s)}
+                 "settings": asdict(s), "text_alignment_by_attribute": by_attribute}
         if math.isnan(align):
             values["text_alignment"] = -1.0  # unconditional: recorded as not applicable
         return values, extra

@@ -28,6 +28,7 @@ from harness.metrics import (
     real_features,
     resolve_extractor,
     text_alignment,
+    text_alignment_by_attribute,
 )
 
 FRAMES, RESOLUTION = 12, 16
@@ -261,6 +262,12 @@ def test_text_alignment(extractor: ProxyFeatures, heldout: tuple) -> None:
     mixed = text_alignment(videos[:4], ["a photo of a cat", *captions[1:4]], extractor)
     assert mixed == pytest.approx(text_alignment(videos[1:4], captions[1:4], extractor))
     assert math.isnan(text_alignment(videos[:2], ["sky", "clouds"], extractor))
+    by_attribute = text_alignment_by_attribute(videos, captions, extractor)
+    assert set(by_attribute) == {"colour", "shape", "direction", "size"}
+    assert aligned == pytest.approx(sum(by_attribute.values()) / 4)  # every caption names all four
+    reversed_motion = [c.replace("left", "@").replace("right", "left").replace("@", "right") for c in captions]
+    assert text_alignment_by_attribute(videos, reversed_motion, extractor)["direction"] < by_attribute["direction"]
+    assert text_alignment_by_attribute(videos[:2], ["sky", "clouds"], extractor) == {}
 
 
 def test_resolve_extractor(tmp_path) -> None:

@@ -377,3 +377,21 @@ def text_alignment(videos: torch.Tensor, prompts: Sequence[str], extractor: Any)
         for name, label in labels.items()
     ]
     return float(np.mean(hits))
+
+
+def text_alignment_by_attribute(videos: torch.Tensor, prompts: Sequence[str], extractor: Any) -> dict[str, float]:
+    """``text_alignment`` per attribute (e.g. ``{"colour": 0.9, "shape": 0.4, ...}``): which parts of the
+    prompts a generator follows. Chance level is ``1 / classes`` of each attribute. Empty when no prompt
+    parses."""
+    parsed = []
+    for index, prompt in enumerate(prompts):
+        try:
+            parsed.append((index, labels_for(prompt)))
+        except DataError:
+            continue
+    if not parsed:
+        return {}
+    predicted = extractor.predict_attributes(videos[[index for index, _ in parsed]])
+    names = list(parsed[0][1])
+    return {name: float(np.mean([int(predicted[name][k]) == labels[name] for k, (_, labels) in enumerate(parsed)]))
+            for name in names}
