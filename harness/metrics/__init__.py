@@ -33,6 +33,7 @@ from harness.metrics.fvd import (
     real_features,
     resolve_extractor,
     text_alignment,
+    text_alignment_by_attribute,
 )
 from harness.metrics.latency import LatencyResult, device_description, measure_latency
 from harness.metrics.latency_predictor import LatencyPredictor, calibration_report, subnet_features
@@ -69,4 +70,5 @@ __all__ = [
     "real_features",
     "resolve_extractor",
     "text_alignment",
+    "text_alignment_by_attribute",
 ]
