@@ -2,7 +2,9 @@
 
 Dimensions: a channel ratio in ``RATIOS`` per searchable layer, chosen independently; a keep flag per
 droppable diffusion-block component (a block whose attentions are all dropped loses its feed-forward
-too); a resolution, each with a cap on the subnet's fraction of the supernet's parameters.
+too), at least ``MIN_KEEP`` of them kept - the floor the sampling warm-up (§3.4) trains the supernet down
+to, so no searched subnet lies outside what was trained; a resolution, each with a cap on the subnet's
+fraction of the supernet's parameters.
 Randomness is always passed in (``numpy.random.Generator`` or an int seed).
 """
 
@@ -17,6 +19,7 @@ from .config import ConfigError, SubnetConfig
 from .plan import BlockPlan, Layer
 
 RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+MIN_KEEP = 0.4  # fraction of droppable components every subnet keeps (the warm-up's final floor)
 
 
 def _rng(rng) -> np.random.Generator:
@@ -28,15 +31,18 @@ class SearchSpace:
 
     def __init__(self, family: str, layers: Sequence[Layer], blocks: Sequence[BlockPlan],
                  resolutions: Sequence[int], size_caps: Sequence[float],
-                 param_counter: Callable[[SubnetConfig], int], ratios: Sequence[float] = RATIOS):
+                 param_counter: Callable[[SubnetConfig], int], ratios: Sequence[float] = RATIOS,
+                 min_keep: float = MIN_KEEP):
         self.family = family
         self.layers = {layer.name: layer for layer in layers}
         self.blocks = {b.name: b for b in blocks}
         self.resolutions = tuple(resolutions)
         self.size_caps = dict(zip(self.resolutions, size_caps))
         self.ratios = tuple(sorted(ratios, reverse=True))
+        self.min_keep = min_keep
         self._count = param_counter
         self._total: int | None = None
+        self._smallest: dict[int, SubnetConfig] = {}
 
     # -- basic points --------------------------------------------------------------------------------
     @property
@@ -53,7 +59,23 @@ class SearchSpace:
         return self._make(resolution, self.ratios[0])
 
     def smallest(self, resolution: int | None = None) -> SubnetConfig:
-        return self._make(resolution, self.ratios[-1], set(self.droppable()))
+        """The lowest ratio everywhere, with as many components dropped as ``min_keep`` allows: those whose
+        drop saves the most parameters."""
+        resolution = resolution or self.default_resolution
+        if resolution not in self._smallest:
+            floor = self._make(resolution, self.ratios[-1])
+            base = self._count(floor)
+            saving = {bc: base - self._count(self._make(resolution, self.ratios[-1], {bc}))
+                      for bc in self.droppable()}
+            ranked = sorted(self.droppable(), key=lambda bc: -saving[bc])  # stable: ties keep space order
+            self._smallest[resolution] = self._make(resolution, self.ratios[-1],
+                                                    set(ranked[: self.max_drops]))
+        return self._smallest[resolution]
+
+    @property
+    def max_drops(self) -> int:
+        """How many droppable components a subnet may drop (``min_keep`` of them stay)."""
+        return self._max_drops(self.min_keep)
 
     def droppable(self) -> list[tuple[str, str]]:
         return [(b.name, c) for b in self.blocks.values() for c in b.droppable]
@@ -71,8 +93,10 @@ class SearchSpace:
         return cfg.describe(self.param_fraction(cfg))
 
     def cardinality(self, per_resolution: bool = False) -> int:
-        """Number of configs (as OFA / HAT count: product of independent choices, caps ignored)."""
-        n = len(self.ratios) ** len(self.layers) * 2 ** len(self.droppable())
+        """Number of configs (as OFA / HAT count: product of independent choices, caps ignored), with at most
+        ``max_drops`` components dropped."""
+        drop_sets = sum(math.comb(len(self.droppable()), k) for k in range(self.max_drops + 1))
+        n = len(self.ratios) ** len(self.layers) * drop_sets
         return n if per_resolution else n * len(self.resolutions)
 
     # -- validation ----------------------------------------------------------------------------------
@@ -105,6 +129,11 @@ class SearchSpace:
                 if not kept and comp not in block.droppable:
                     raise ConfigError(f"block '{block.name}' cannot drop its {comp}: that ResBlock changes "
                                       "the stream width")
+        dropped = sum(not keep[b][c] for b, c in self.droppable())
+        if dropped > self.max_drops:
+            raise ConfigError(f"config drops {dropped} of {len(self.droppable())} droppable components; the "
+                              f"supernet is trained keeping at least {self.min_keep:.0%} of them (at most "
+                              f"{self.max_drops} dropped): keep more components")
         cap = self.size_caps[cfg.resolution]
         frac = self.param_fraction(cfg)
         if frac > cap + 1e-9:
@@ -145,10 +174,11 @@ class SearchSpace:
     def sample(self, rng=None, min_ratio: float = 0.4, min_keep: float = 0.4, resolution: int | None = None,
                max_tries: int = 500) -> SubnetConfig:
         """Uniform ratios from ``[min_ratio, 1]`` per layer; a number of dropped components drawn uniformly
-        from ``0 .. floor((1 - min_keep) * droppable)``; a resolution drawn among those whose cap can be
+        from ``0 .. floor((1 - min_keep) * droppable)`` (``min_keep`` never below the space's); a resolution drawn among those whose cap can be
         met (or the one given). Rejection-samples until the resolution's size cap holds."""
         rng = _rng(rng)
         choices = self._choices(min_ratio)
+        min_keep = max(min_keep, self.min_keep)
         droppable = self.droppable()
         if resolution is None:
             feasible = self.feasible_resolutions(min_ratio, min_keep)

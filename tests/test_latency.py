@@ -81,7 +81,7 @@ def test_subnet_features_grow_with_size(tiny_nets):
     small = subnet_features(net, net.space.smallest(), FRAMES, 1)
     large = subnet_features(net, net.space.largest(), FRAMES, 1)
     assert large["macs_conv"] > small["macs_conv"] > 0
-    assert large["macs_attention"] > small["macs_attention"] == 0  # smallest drops every attention
+    assert large["macs_attention"] > small["macs_attention"]
 
 
 @pytest.fixture(scope="module")

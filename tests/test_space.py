@@ -1,6 +1,7 @@
 """The search space: JSON round trip, keys, validation errors, sampling, evolution operators, targets."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -76,7 +77,22 @@ def test_mutate_and_crossover_stay_in_the_space(base):
     for _ in range(10):
         child = base.space.mutate(base.space.crossover(a, b, rng), rng, prob=0.3)
         assert base.space.fits(child) and child.resolution == a.resolution
-    assert base.space.cardinality() == 7 ** len(base.space.layers) * 2 ** len(base.space.droppable())
+    d, k = len(base.space.droppable()), base.space.max_drops
+    assert base.space.cardinality() == 7 ** len(base.space.layers) * sum(math.comb(d, i) for i in range(k + 1))
+
+
+def test_subnets_keep_the_trained_fraction_of_components(base):
+    """The warm-up trains down to 40% kept components: the space ends there, and smallest() is its corner."""
+    space = base.space
+    assert space.max_drops == int(0.6 * len(space.droppable()))
+    too_many = space._make(None, 0.4, set(space.droppable()[: space.max_drops + 1]))
+    with pytest.raises(ConfigError, match="keeping at least 40%"):
+        space.validate(too_many)
+    smallest = space.validate(space.smallest())
+    assert smallest.num_dropped == space.max_drops and smallest.mean_ratio == pytest.approx(0.4)
+    rng = np.random.default_rng(3)
+    for _ in range(30):
+        assert space.param_fraction(space.sample(rng)) >= space.param_fraction(smallest)
 
 
 @pytest.mark.parametrize("fraction", [0.4, 0.6, 0.8, 1.0])

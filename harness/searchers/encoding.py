@@ -23,7 +23,9 @@ def _config_params(prefix: str, space: SearchSpace, cfg: SubnetConfig) -> dict:
 
 def _config_from(prefix: str, space: SearchSpace, params: dict, resolution: int) -> SubnetConfig:
     ratios = {name: float(params[f"{prefix}:{name}"]) for name in space.layers}
-    drop = {(b, c) for b, c in space.droppable() if not params[f"{prefix}:keep:{b}:{c}"]}
+    dropped = [(b, c) for b, c in space.droppable() if not params[f"{prefix}:keep:{b}:{c}"]]
+    # Over the space's drop limit: the last ones (in space order) are kept again, deterministically.
+    drop = set(dropped[: space.max_drops])
     keep = {b.name: {c: (b.name, c) not in drop for c in b.components} for b in space.blocks.values()}
     return SubnetConfig.create(space.family, resolution, ratios, keep)
 
