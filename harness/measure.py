@@ -192,21 +192,22 @@ class Measurer:
                                           lambda: ({"params": float(cand.params(self.base, self.ssr))}, {})))
         if "flops" in metrics:
             values.update(self._measure_group(cid, ["flops"], f"fvcore:gen:{self._gen_suffix(cand)}", "any",
-                                              lambda: self._flops(cand)))
+                                              lambda: self.compute_flops(cand)))
         if "latency_ms" in metrics:
             s = self.settings
             kind = "measured-static" if s.latency == "measured" else "predicted"
             protocol = f"gen:{self._gen_suffix(cand)}:b1:threads{s.threads}:{kind}"
             values.update(self._measure_group(cid, ["latency_ms"], protocol, self.device_name,
-                                              lambda: self._latency(cand)))
+                                              lambda: self.compute_latency(cand)))
         quality = [m for m in ("fvd", "kvd", "text_alignment") if m in metrics]
         if quality:
             protocol = self.quality_protocol(cand)
             values.update(self._measure_group(cid, ["fvd", "kvd", "text_alignment"], protocol, self.device_name,
-                                              lambda: self._quality(cand)))
+                                              lambda: self.compute_quality(cand)))
         return values
 
-    def _flops(self, cand: Candidate):
+    def compute_flops(self, cand: Candidate):
+        """``({"flops": FLOPs of one generated video}, provenance)``, not recorded (``measure`` records)."""
         stages = []
         for net, cfg, r in self.stages(cand):
             static = net.extract(cfg)
@@ -217,7 +218,8 @@ class Measurer:
                                           name="decode"))
         return {"flops": float(generation_flops(stages))}, {"convention": "1 multiply-add = 1 FLOP"}
 
-    def _latency(self, cand: Candidate):
+    def compute_latency(self, cand: Candidate):
+        """``({"latency_ms": per generated video}, provenance)``, not recorded (``measure`` records)."""
         s = self.settings
         batch = 2 if self.guided else 1  # conditional + null text in one batch
         per_stage, total = [], 0.0
@@ -273,7 +275,8 @@ class Measurer:
         real = "" if (p.dataset, p.split) == ("synthetic", "heldout") else f":{real_stats_key(p).split('_')[-1]}"
         return f"{p.name}:real{p.num_real}{real}:x{p.repeats}:ddim{s.steps}:g{s.guidance:g}:seed{s.seed}"
 
-    def _quality(self, cand: Candidate):
+    def compute_quality(self, cand: Candidate):
+        """``({"fvd", "kvd", "text_alignment" and stds}, provenance)``, not recorded."""
         from harness.metrics.fvd import evaluate_fvd, text_alignment, text_alignment_by_attribute
 
         s = self.settings

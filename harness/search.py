@@ -115,9 +115,9 @@ def check_feasible(measurer: Measurer, smallest: Candidate, args) -> None:
     values = {"params": float(smallest.params(measurer.base, measurer.ssr))}
     if metrics:
         if "flops" in metrics:
-            values.update(measurer._flops(smallest)[0])
+            values.update(measurer.compute_flops(smallest)[0])
         if "latency_ms" in metrics:
-            values.update(measurer._latency(smallest)[0])
+            values.update(measurer.compute_latency(smallest)[0])
     for metric, limit, flag in (("params", args.max_params, "--max-params"), ("flops", args.max_flops, "--max-flops"),
                                 ("latency_ms", args.max_latency, "--max-latency")):
         if limit is not None and values[metric] > limit:
