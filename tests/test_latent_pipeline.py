@@ -165,3 +165,14 @@ def find_codec_of(directory):
     from harness.checkpoints import load_model
 
     return find_codec(load_model(directory))
+
+
+def test_shipped_latent_pair_generates():
+    """The shipped tiny latent supernet finds its autoencoder beside it and decodes what it generates."""
+    from harness.checkpoints import RESULTS, load_model
+
+    net = load_model(RESULTS / "checkpoints" / "latent-unet-tiny")
+    codec = find_codec(net)
+    assert codec is not None and codec.scale > 0 and codec.downsample == (2, 4, 4)
+    video = generate(Chain(net, base_subnet=net.space.smallest(), codec=codec), [""], steps=2, seed=0)
+    assert video.shape == (1, 3, 16, 32, 32) and video.abs().max() <= 1
