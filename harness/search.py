@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real videos for FVD/KVD: 'synthetic' or a dataset folder (e.g. Sky Timelapse)")
     p.add_argument("--fvd-split", default="heldout", help="split of --fvd-data holding the real videos")
     p.add_argument("--real-videos", type=int, default=256, help="real videos for the FVD/KVD reference statistics")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps per stage when generating")
+    p.add_argument("--steps", type=int, default=8, help="DDIM steps per stage when generating")
     p.add_argument("--no-plot", action="store_true", help="skip writing the front's plot")
     p.add_argument("--anchors", default="0.4,0.6,0.8,1.0",
                    help="parameter fractions whose balanced subnets a new Optuna study evaluates first (the "
