@@ -277,7 +277,7 @@ class Measurer:
 
     def compute_quality(self, cand: Candidate):
         """``({"fvd", "kvd", "text_alignment" and stds}, provenance)``, not recorded."""
-        from harness.metrics.fvd import evaluate_fvd, text_alignment, text_alignment_by_attribute
+        from harness.metrics.fvd import evaluate_fvd, text_alignment_by_attribute
 
         s = self.settings
         extractor = self._fvd_context()
@@ -300,8 +300,9 @@ class Measurer:
         result = evaluate_fvd(protocol, generate_fn, extractor, progress=False)
         all_videos, all_prompts = torch.cat([v for v, _ in videos_seen]), [p for _, ps in videos_seen for p in ps]
         conditioned = self.text is not None and hasattr(extractor, "predict_attributes")
-        align = text_alignment(all_videos, all_prompts, extractor) if conditioned else float("nan")
         by_attribute = text_alignment_by_attribute(all_videos, all_prompts, extractor) if conditioned else {}
+        # Every parsed caption names every attribute, so the overall score is the mean of the per-attribute ones.
+        align = sum(by_attribute.values()) / len(by_attribute) if by_attribute else float("nan")
         values = {"fvd": result.fvd_mean, "fvd_std": result.fvd_std, "kvd": result.kvd_mean,
                   "kvd_std": result.kvd_std, "text_alignment": align}
         extra = {"protocol": protocol.to_dict(), "extractor": extractor.name, "runs": result.to_dict(),

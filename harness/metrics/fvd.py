@@ -355,6 +355,13 @@ def text_alignment(videos: torch.Tensor, prompts: Sequence[str], extractor: Any)
     (a CLIP-score-like alignment for the synthetic captions); NaN when no prompt parses.
     ``extractor`` needs ``predict_attributes`` (``ProxyExtractor`` or ``ProxyFeatures``).
     """
+    hits = _attribute_hits(videos, prompts, extractor)
+    flat = [hit for values in hits.values() for hit in values]
+    return float(np.mean(flat)) if flat else math.nan
+
+
+def _attribute_hits(videos: torch.Tensor, prompts: Sequence[str], extractor: Any) -> dict[str, list[bool]]:
+    """Per attribute, whether the extractor's prediction matches each parsable prompt (unparsable skipped)."""
     if videos.shape[0] != len(prompts):
         raise ValueError(f"got {videos.shape[0]} videos but {len(prompts)} prompts")
     if not hasattr(extractor, "predict_attributes"):
@@ -368,30 +375,17 @@ def text_alignment(videos: torch.Tensor, prompts: Sequence[str], extractor: Any)
         except DataError:
             continue
     if not parsed:
-        return math.nan
-    rows = [index for index, _ in parsed]
-    predicted = extractor.predict_attributes(videos[rows])
-    hits = [
-        int(predicted[name][k]) == label
-        for k, (_, labels) in enumerate(parsed)
-        for name, label in labels.items()
-    ]
-    return float(np.mean(hits))
+        return {}
+    predicted = extractor.predict_attributes(videos[[index for index, _ in parsed]])
+    hits: dict[str, list[bool]] = {}
+    for k, (_, labels) in enumerate(parsed):
+        for name, label in labels.items():
+            hits.setdefault(name, []).append(int(predicted[name][k]) == label)
+    return hits
 
 
 def text_alignment_by_attribute(videos: torch.Tensor, prompts: Sequence[str], extractor: Any) -> dict[str, float]:
     """``text_alignment`` per attribute (e.g. ``{"colour": 0.9, "shape": 0.4, ...}``): which parts of the
     prompts a generator follows. Chance level is ``1 / classes`` of each attribute. Empty when no prompt
     parses."""
-    parsed = []
-    for index, prompt in enumerate(prompts):
-        try:
-            parsed.append((index, labels_for(prompt)))
-        except DataError:
-            continue
-    if not parsed:
-        return {}
-    predicted = extractor.predict_attributes(videos[[index for index, _ in parsed]])
-    names = list(parsed[0][1])
-    return {name: float(np.mean([int(predicted[name][k]) == labels[name] for k, (_, labels) in enumerate(parsed)]))
-            for name in names}
+    return {name: float(np.mean(values)) for name, values in _attribute_hits(videos, prompts, extractor).items()}

@@ -91,12 +91,12 @@ def box_to_mask(param: Tensor, boxes: Box | list[Box]) -> Tensor:
 
 
 def _bias_corrections_many(steps: list[Tensor], beta1: float, beta2: float, dtype: torch.dtype):
-    """``_bias_corrections`` of many step tensors with one gather (one table lookup for all)."""
+    """``_bias_corrections`` of many step tensors with one table lookup: the flat ``1 - beta1**t`` of all of
+    them, ``sqrt(1 - beta2**t)`` per tensor, and the sizes that split the flat one."""
     flat = torch.cat([s.reshape(-1) for s in steps])
     bc1, bc2 = _bias_corrections(flat, beta1, beta2, dtype)
     sizes = [s.numel() for s in steps]
-    return ([t.view(s.shape) for t, s in zip(bc1.split(sizes), steps)],
-            [t.view(s.shape) for t, s in zip(bc2.split(sizes), steps)], bc1, sizes)
+    return bc1, [t.view(s.shape) for t, s in zip(bc2.split(sizes), steps)], sizes
 
 
 def _adamw_update_boxes(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -114,7 +114,7 @@ def _adamw_update_boxes(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-    _, bc2s, bc1_flat, sizes = _bias_corrections_many(steps, beta1, beta2, params[0].dtype)
+    bc1_flat, bc2s, sizes = _bias_corrections_many(steps, beta1, beta2, params[0].dtype)
     neg_flat = (lr / bc1_flat).to(params[0].dtype).neg_()
     neg_step_sizes = [t.view(p.shape) for t, p in zip(neg_flat.split(sizes), params)]
     denoms = torch._foreach_sqrt(exp_avg_sqs)
@@ -123,13 +123,6 @@ def _adamw_update_boxes(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     updates = torch._foreach_mul(neg_step_sizes, exp_avgs)
     torch._foreach_div_(updates, denoms)
     torch._foreach_add_(params, updates)
-
-
-def _masked_adamw_update(
-    param: Tensor, grad: Tensor, mask: Tensor, state: dict[str, Tensor], group: Mapping[str, Any]
-) -> None:
-    """One AdamW step restricted to ``mask``; mirrors ``torch.optim.adam._single_tensor_adam``."""
-    _adamw_update_where(param, grad, mask, state, group)
 
 
 def _adamw_update_where(
