@@ -4,7 +4,8 @@ Dimensions: a channel ratio in ``RATIOS`` per searchable layer, chosen independe
 droppable diffusion-block component (a block whose attentions are all dropped loses its feed-forward
 too), at least ``MIN_KEEP`` of them kept - the floor the sampling warm-up (§3.4) trains the supernet down
 to, so no searched subnet lies outside what was trained; a resolution, each with a cap on the subnet's
-fraction of the supernet's parameters.
+fraction of the supernet's parameters. In a text-conditioned space at least one cross-attention (the
+``text_path`` component) stays: a subnet without one cannot see its prompt.
 Randomness is always passed in (``numpy.random.Generator`` or an int seed).
 """
 
@@ -32,7 +33,7 @@ class SearchSpace:
     def __init__(self, family: str, layers: Sequence[Layer], blocks: Sequence[BlockPlan],
                  resolutions: Sequence[int], size_caps: Sequence[float],
                  param_counter: Callable[[SubnetConfig], int], ratios: Sequence[float] = RATIOS,
-                 min_keep: float = MIN_KEEP):
+                 min_keep: float = MIN_KEEP, text_path: str | None = None):
         self.family = family
         self.layers = {layer.name: layer for layer in layers}
         self.blocks = {b.name: b for b in blocks}
@@ -40,6 +41,7 @@ class SearchSpace:
         self.size_caps = dict(zip(self.resolutions, size_caps))
         self.ratios = tuple(sorted(ratios, reverse=True))
         self.min_keep = min_keep
+        self.text_path = text_path
         self._count = param_counter
         self._total: int | None = None
         self._smallest: dict[int, SubnetConfig] = {}
@@ -60,7 +62,7 @@ class SearchSpace:
 
     def smallest(self, resolution: int | None = None) -> SubnetConfig:
         """The lowest ratio everywhere, with as many components dropped as ``min_keep`` allows: those whose
-        drop saves the most parameters."""
+        drop saves the most parameters, short of the last text path."""
         resolution = resolution or self.default_resolution
         if resolution not in self._smallest:
             floor = self._make(resolution, self.ratios[-1])
@@ -68,8 +70,13 @@ class SearchSpace:
             saving = {bc: base - self._count(self._make(resolution, self.ratios[-1], {bc}))
                       for bc in self.droppable()}
             ranked = sorted(self.droppable(), key=lambda bc: -saving[bc])  # stable: ties keep space order
-            self._smallest[resolution] = self._make(resolution, self.ratios[-1],
-                                                    set(ranked[: self.max_drops]))
+            text, drop = self.text_paths(), set()
+            for bc in ranked:
+                if len(drop) == self.max_drops:
+                    break
+                if not (text and text <= drop | {bc}):  # the last text path stays
+                    drop.add(bc)
+            self._smallest[resolution] = self._make(resolution, self.ratios[-1], drop)
         return self._smallest[resolution]
 
     @property
@@ -79,6 +86,10 @@ class SearchSpace:
 
     def droppable(self) -> list[tuple[str, str]]:
         return [(b.name, c) for b in self.blocks.values() for c in b.droppable]
+
+    def text_paths(self) -> set[tuple[str, str]]:
+        """The droppable cross-attentions of a text-conditioned space (empty otherwise): one must stay."""
+        return {bc for bc in self.droppable() if bc[1] == self.text_path}
 
     @property
     def total_params(self) -> int:
@@ -95,7 +106,10 @@ class SearchSpace:
     def cardinality(self, per_resolution: bool = False) -> int:
         """Number of configs (as OFA / HAT count: product of independent choices, caps ignored), with at most
         ``max_drops`` components dropped."""
-        drop_sets = sum(math.comb(len(self.droppable()), k) for k in range(self.max_drops + 1))
+        n_comp, n_text = len(self.droppable()), len(self.text_paths())
+        drop_sets = sum(math.comb(n_comp, k) - (math.comb(n_comp - n_text, k - n_text) if n_text and k >= n_text
+                                                else 0)
+                        for k in range(self.max_drops + 1))
         n = len(self.ratios) ** len(self.layers) * drop_sets
         return n if per_resolution else n * len(self.resolutions)
 
@@ -134,6 +148,9 @@ class SearchSpace:
             raise ConfigError(f"config drops {dropped} of {len(self.droppable())} droppable components; the "
                               f"supernet is trained keeping at least {self.min_keep:.0%} of them (at most "
                               f"{self.max_drops} dropped): keep more components")
+        if self.text_paths() and all(not keep[b][c] for b, c in self.text_paths()):
+            raise ConfigError(f"config drops every {self.text_path} (cross-attention) block, so the subnet "
+                              "cannot see its prompt: keep at least one")
         cap = self.size_caps[cfg.resolution]
         frac = self.param_fraction(cfg)
         if frac > cap + 1e-9:

@@ -28,7 +28,8 @@ class Supernet(VideoUNet):
         super().__init__(self.unet_plan.resolve(self._full_config(family, hyper)))
         self.family, self.preset, self.hyper = family, preset, hyper
         self.space = SearchSpace(family, list(self.unet_plan.layers.values()), self.unet_plan.blocks, hyper.resolutions,
-                                 hyper.size_caps, self.count_params)
+                                 hyper.size_caps, self.count_params,
+                                 text_path="temporal_cross" if hyper.context_dim else None)
         self.active: SubnetConfig | None = None
 
     def _full_config(self, family: str, hyper: UNetHyper) -> SubnetConfig:

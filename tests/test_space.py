@@ -1,7 +1,7 @@
 """The search space: JSON round trip, keys, validation errors, sampling, evolution operators, targets."""
 
+import itertools
 import json
-import math
 
 import numpy as np
 import pytest
@@ -77,8 +77,27 @@ def test_mutate_and_crossover_stay_in_the_space(base):
     for _ in range(10):
         child = base.space.mutate(base.space.crossover(a, b, rng), rng, prob=0.3)
         assert base.space.fits(child) and child.resolution == a.resolution
-    d, k = len(base.space.droppable()), base.space.max_drops
-    assert base.space.cardinality() == 7 ** len(base.space.layers) * sum(math.comb(d, i) for i in range(k + 1))
+    # Drop sets counted by brute force: at most max_drops dropped, never every cross-attention.
+    comps, text, k = base.space.droppable(), base.space.text_paths(), base.space.max_drops
+    drop_sets = sum(1 for n in range(k + 1) for drop in itertools.combinations(comps, n) if not text <= set(drop))
+    assert base.space.cardinality() == 7 ** len(base.space.layers) * drop_sets
+
+
+def test_text_conditioned_subnets_keep_a_cross_attention(base):
+    """A subnet without any cross-attention cannot see its prompt: the space excludes it everywhere."""
+    space = base.space
+    text = sorted(space.text_paths())
+    assert len(text) >= 2 and all(c == "temporal_cross" for _, c in text)
+    with pytest.raises(ConfigError, match="drops every temporal_cross"):
+        space.validate(space._make(None, 0.4, set(text)))
+    space.validate(space._make(None, 0.4, set(text[:-1])))
+    keep = space.smallest().keep_map
+    assert sum(keep[b][c] for b, c in text) == 1
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        cfg = space.sample(rng)
+        assert any(cfg.keep_map[b][c] for b, c in text)
+    assert not build_supernet("latent-unet", "tiny").space.text_paths()  # unconditional: no constraint
 
 
 def test_subnets_keep_the_trained_fraction_of_components(base):

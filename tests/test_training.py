@@ -100,8 +100,10 @@ def test_checkpoint_survives_a_kill_during_save(tmp_path):
 
 def test_sandwich_and_inplace_distillation(tmp_path):
     plain = Trainer(_opts(tmp_path / "p"))
-    sandwich = Trainer(_opts(tmp_path / "s", sandwich=True))
-    distill = Trainer(_opts(tmp_path / "d", sandwich=True, inplace_distill=True))
+    # Text-conditioned, with guidance dropout: every subnet's backward goes through the null-text mix.
+    text = dict(text_encoder="minilm", cond_drop=0.5)
+    sandwich = Trainer(_opts(tmp_path / "s", sandwich=True, **text))
+    distill = Trainer(_opts(tmp_path / "d", sandwich=True, inplace_distill=True, **text))
     from harness.training.loop import subnets_for_step
 
     subs = subnets_for_step(sandwich.net, sandwich.opts, 0)

@@ -26,6 +26,9 @@ def _config_from(prefix: str, space: SearchSpace, params: dict, resolution: int)
     dropped = [(b, c) for b, c in space.droppable() if not params[f"{prefix}:keep:{b}:{c}"]]
     # Over the space's drop limit: the last ones (in space order) are kept again, deterministically.
     drop = set(dropped[: space.max_drops])
+    text = space.text_paths()
+    if text and text <= drop:  # every cross-attention dropped: the last one (in space order) stays
+        drop.discard(max(text, key=space.droppable().index))
     keep = {b.name: {c: (b.name, c) not in drop for c in b.components} for b in space.blocks.values()}
     return SubnetConfig.create(space.family, resolution, ratios, keep)
 

@@ -131,11 +131,12 @@ class Trainer:
                            global_batch=opts.batch, rank=self.rank, world=self.world, cond_drop=opts.cond_drop,
                            super_resolution=self.super_resolution,
                            encode=self.codec.encode if self.codec is not None else None)
-        kwargs = batch.model_kwargs(getattr(net, "null_text", None))
 
         # Diffusion loss of each subnet; in-place distillation targets the largest one's prediction.
         losses, teacher = [], None
         for i, cfg in enumerate(subnets):
+            # Built per subnet: the null-text mix is part of each backward's graph.
+            kwargs = batch.model_kwargs(getattr(net, "null_text", None))
             pred = net(batch.noisy, batch.timesteps, subnet=cfg, **kwargs)
             target = batch.noise if (teacher is None or not opts.inplace_distill) else teacher
             loss = epsilon_loss(pred, target)
