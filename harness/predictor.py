@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--fit", type=int, default=80, help="subnets measured for fitting")
     p.add_argument("--holdout", type=int, default=30, help="held-out subnets for the calibration report")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per subnet")
-    p.add_argument("--min-run-time", type=float, default=0.1, help="seconds timed per subnet per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per subnet")
+    p.add_argument("--min-run-time", type=float, default=0.3, help="seconds timed per subnet per round")
     p.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="wall-clock latency, or CPU time of the process (contention-robust, CPU only)")
     p.add_argument("--seed", type=int, default=0)
@@ -78,6 +78,9 @@ def format_report(predictor: LatencyPredictor) -> str:
     if "repeat_mape_pct" in c:
         rows += [("repeat timing MAPE (noise)", f"{c['repeat_mape_pct']:.1f} %"),
                  ("repeat timing Spearman", f"{c['repeat_spearman']:.3f}")]
+    if "split_mape_pct" in c:
+        rows += [("even/odd-round medians MAPE", f"{c['split_mape_pct']:.1f} %"),
+                 ("even/odd-round medians Spearman", f"{c['split_spearman']:.3f}")]
     measured = [h["measured_ms"] for h in predictor.holdout]
     rows.append(("held-out latency range", f"{min(measured):.1f} - {max(measured):.1f} ms"))
     head = (f"latency predictor {p['family']}/{p['preset']}: {p['resolution']}px x {p['frames']} frames, "
