@@ -81,8 +81,14 @@ def text_encoder_name(model) -> str:
 
 
 def _trained_steps(directory: str | Path) -> int | None:
+    """All steps behind a saved supernet: its own plus, when it was itself trained from one, its init's."""
     config = Path(directory) / "config.json"
-    return json.loads(config.read_text()).get("trained_steps") if config.is_file() else None
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    steps = data.get("trained_steps")
+    before = (data.get("init") or {}).get("trained_steps")
+    return steps + before if steps is not None and before is not None else steps
 
 
 def export_supernet(run_or_checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
