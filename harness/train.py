@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sandwich", action="store_true", help="largest + smallest + random subnet each step")
     p.add_argument("--inplace-distill", action="store_true",
                    help="with --sandwich: the largest subnet's prediction is the others' target")
+    p.add_argument("--offset-noise", type=float, default=d.offset_noise,
+                   help="per-channel offset added to the diffusion noise (0: off; 0.1 fixes washed-out means)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
     p.add_argument("--out", default=d.out, help="run directory (checkpoint, log.jsonl, samples)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations per checkpoint")
@@ -54,6 +56,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.inplace_distill and not args.sandwich:
         raise ValueError("--inplace-distill needs --sandwich (the largest subnet is the teacher)")
+    if args.offset_noise < 0:
+        raise ValueError(f"--offset-noise {args.offset_noise} is negative; pass 0 (off) or a std such as 0.1")
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
     init_distributed()
     trainer = train(opts)

@@ -134,3 +134,24 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+
+
+def test_offset_noise_shifts_each_channel_by_a_constant(tmp_path):
+    """--offset-noise adds one N(0, s^2) draw per sample and channel, constant over frames and pixels; every
+    other draw of the step (clips, noise, timesteps, dropout) is unchanged, so 0 is exactly the plain batch."""
+    from harness.data import build_dataset
+    from harness.training.batches import ClipSource, make_batch
+
+    source = ClipSource(build_dataset("synthetic", "train", frames=12, resolution=16, seed=0, num_videos=8))
+    kw = dict(seed=0, step=5, resolution=16, global_batch=4, cond_drop=0.5)
+    plain, shifted = make_batch(source, None, **kw), make_batch(source, None, offset_noise=0.1, **kw)
+    assert torch.equal(plain.timesteps, shifted.timesteps) and torch.equal(plain.drop, shifted.drop)
+    offset = shifted.noise - plain.noise  # (B, C, T, H, W)
+    per_channel = offset.mean(dim=(2, 3, 4), keepdim=True)
+    assert torch.allclose(offset, per_channel.expand_as(offset), atol=1e-6)
+    assert per_channel.abs().min() > 0 and per_channel.abs().max() < 0.5
+    assert torch.equal(make_batch(source, None, offset_noise=0.0, **kw).noisy, plain.noisy)
+    proc = subprocess.run([sys.executable, "-m", "harness.train", "--offset-noise", "-1", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--offset-noise -1.0 is negative" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -70,9 +70,14 @@ class Batch:
 
 def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolution: int, global_batch: int,
                rank: int = 0, world: int = 1, cond_drop: float = 0.1, super_resolution: bool = False,
-               max_noise_level: float = 0.5, encode=None) -> Batch:
+               max_noise_level: float = 0.5, encode=None, offset_noise: float = 0.0) -> Batch:
     """One rank's share of step ``step``'s global batch. ``encode`` (latent families) maps a pixel clip
-    batch ``(1, 3, T, R, R)`` to the latents the supernet denoises; ``resolution`` is then in pixels."""
+    batch ``(1, 3, T, R, R)`` to the latents the supernet denoises; ``resolution`` is then in pixels.
+
+    ``offset_noise`` (Guttenberg 2023): adds ``offset_noise * N(0, 1)`` per sample and channel, constant
+    over frames and pixels, to the diffusion noise. With the cosine schedule's non-zero terminal SNR the
+    network otherwise reads each clip's mean colour from the faint signal left at t ~ 980 (Lin et al.
+    2024); sampling starts from zero-mean noise, so it then generates grey instead of dark backgrounds."""
     indices = step_rng(seed, step, 2).integers(0, len(source), size=global_batch)
     mine = list(range(rank, global_batch, world))
     sched = train_scheduler()
@@ -91,6 +96,8 @@ def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolu
             low = resize_video(clip, resolution // 2)
             lows.append(noise_augment(low[None], level, generator=g)[0])
             levels.append(level)
+        if offset_noise:  # drawn last: without it every other draw is unchanged
+            noises[-1] = noises[-1] + offset_noise * torch.randn((clip.shape[0], 1, 1, 1), generator=g)
         clips.append(clip)
     x0, noise = torch.stack(clips), torch.stack(noises)
     timesteps = torch.tensor(ts, dtype=torch.long)

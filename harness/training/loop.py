@@ -51,6 +51,7 @@ class TrainOptions:
     max_grad_norm: float = 1.0
     sandwich: bool = False           # largest + smallest + one random subnet per step (AttentiveNAS, BigNAS)
     inplace_distill: bool = False    # largest subnet's prediction is the others' target (needs sandwich)
+    offset_noise: float = 0.0        # per-channel noise offset (see make_batch); 0 = the paper's plain noise
     seed: int = 0
     out: str = "results/runs/train"
     checkpoint_every: int = 200
@@ -130,7 +131,8 @@ class Trainer:
         batch = make_batch(self.source, self.text, seed=opts.seed, step=step, resolution=pixels,
                            global_batch=opts.batch, rank=self.rank, world=self.world, cond_drop=opts.cond_drop,
                            super_resolution=self.super_resolution,
-                           encode=self.codec.encode if self.codec is not None else None)
+                           encode=self.codec.encode if self.codec is not None else None,
+                           offset_noise=opts.offset_noise)
 
         # Diffusion loss of each subnet; in-place distillation targets the largest one's prediction.
         losses, teacher = [], None
