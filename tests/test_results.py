@@ -27,3 +27,17 @@ def test_every_shipped_model_records_its_command():
     for weights in (f for f in _tracked() if f.suffix == ".safetensors"):
         folder = weights.parent
         assert any((d / "command.txt").is_file() for d in (folder, folder.parent)), f"{folder} has no command.txt"
+
+
+def test_shipped_supernets_record_all_their_training_steps():
+    """config.json's trained_steps (+ the steps behind its init) equals the last step of its training log."""
+    import json
+
+    for config in (REPO / "results" / "checkpoints").glob("*/config.json"):
+        log = config.parent / "train_log.jsonl"
+        if not log.is_file():
+            continue
+        meta = json.loads(config.read_text())
+        total = meta["trained_steps"] + (meta.get("init") or {}).get("trained_steps", 0)
+        last = max(json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip())
+        assert total == last, f"{config.parent.name}: config says {total} steps, train_log.jsonl ends at {last}"
