@@ -42,6 +42,7 @@ class SearchSpace:
         self.ratios = tuple(sorted(ratios, reverse=True))
         self.min_keep = min_keep
         self.text_path = text_path
+        self._text_paths = frozenset(bc for bc in self.droppable() if bc[1] == text_path)  # validate's hot path
         self._count = param_counter
         self._total: int | None = None
         self._smallest: dict[int, SubnetConfig] = {}
@@ -87,9 +88,9 @@ class SearchSpace:
     def droppable(self) -> list[tuple[str, str]]:
         return [(b.name, c) for b in self.blocks.values() for c in b.droppable]
 
-    def text_paths(self) -> set[tuple[str, str]]:
+    def text_paths(self) -> frozenset[tuple[str, str]]:
         """The droppable cross-attentions of a text-conditioned space (empty otherwise): one must stay."""
-        return {bc for bc in self.droppable() if bc[1] == self.text_path}
+        return self._text_paths
 
     @property
     def total_params(self) -> int:
@@ -107,9 +108,11 @@ class SearchSpace:
         """Number of configs (as OFA / HAT count: product of independent choices, caps ignored), with at most
         ``max_drops`` components dropped."""
         n_comp, n_text = len(self.droppable()), len(self.text_paths())
-        drop_sets = sum(math.comb(n_comp, k) - (math.comb(n_comp - n_text, k - n_text) if n_text and k >= n_text
-                                                else 0)
-                        for k in range(self.max_drops + 1))
+
+        def dropping_every_text_path(k: int) -> int:  # k-drop sets that contain all text paths (excluded)
+            return math.comb(n_comp - n_text, k - n_text) if n_text and k >= n_text else 0
+
+        drop_sets = sum(math.comb(n_comp, k) - dropping_every_text_path(k) for k in range(self.max_drops + 1))
         n = len(self.ratios) ** len(self.layers) * drop_sets
         return n if per_resolution else n * len(self.resolutions)
 
