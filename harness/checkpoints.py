@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from harness.diffusion import NoiseSchedule
 from search_spaces import Supernet, VideoUNet, build_supernet, load_static, load_supernet
 from search_spaces.plan import UNetHyper
 
@@ -80,6 +81,25 @@ def text_encoder_name(model) -> str:
     return "minilm"
 
 
+def noise_schedule_of(model) -> NoiseSchedule:
+    """The noise schedule a model was trained on (recorded beside its weights); the paper's setting,
+    epsilon on the cosine schedule, for models saved before schedules were recorded."""
+    directory = getattr(model, "checkpoint_dir", None)
+    for name in ("training.json", "config.json"):
+        f = Path(directory) / name if directory else None
+        if f is not None and f.is_file():
+            meta = json.loads(f.read_text())
+            if "noise_schedule" in meta:
+                return NoiseSchedule.from_dict(meta["noise_schedule"])
+    return NoiseSchedule()
+
+
+def training_provenance(model) -> dict:
+    """What a subnet extracted from ``model`` must carry to be sampled like it (see ``save_static``)."""
+    return {"text_encoder_name": text_encoder_name(model),
+            "noise_schedule": noise_schedule_of(model).to_dict()}
+
+
 def _trained_steps(directory: str | Path) -> int | None:
     """All steps behind a saved supernet: its own plus, when it was itself trained from one, its init's."""
     config = Path(directory) / "config.json"
@@ -97,8 +117,10 @@ def export_supernet(run_or_checkpoint: str | Path, out: str | Path, dtype: torch
 
     net = load_model(run_or_checkpoint)
     meta = json.loads((net.checkpoint_dir / "training.json").read_text())
+    schedule = NoiseSchedule.from_dict(meta.get("noise_schedule"))
     config = net.config_dict() | {"text_encoder_name": meta["options"]["text_encoder"],
-                                  "trained_steps": meta["step"], "text_encoder": meta["text_encoder"]}
+                                  "trained_steps": meta["step"], "text_encoder": meta["text_encoder"],
+                                  "noise_schedule": schedule.to_dict()}
     if meta.get("init"):  # trained further from another supernet: its steps come on top of these
         config["init"] = meta["init"] | {"trained_steps": _trained_steps(meta["init"]["path"])}
     save_module(net.to(dtype), out, config)

@@ -6,7 +6,9 @@ a ``Supernet`` with a subnet bound (``bind_subnet``) or an extracted static ``Vi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,19 +16,80 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_SCHEDULE = "squaredcos_cap_v2"  # cosine (Nichol & Dhariwal): better than linear at 16-64px
+PREDICTIONS = ("epsilon", "v_prediction")
 
 
-def train_scheduler() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=BETA_SCHEDULE,
-                         prediction_type="epsilon", clip_sample=False)
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """What a denoiser was trained to predict, on which noise schedule; saved with every checkpoint.
+
+    ``NoiseSchedule()`` is the paper's setting: epsilon prediction on the cosine schedule, DDIM from
+    t = 951 ("leading" spacing). Its terminal SNR is not zero, so sampling from pure noise starts from
+    something no training input looked like: the network had learnt to read colour and motion from the
+    signal left at high t (Lin et al. 2024, "Common diffusion noise schedules and sample steps are
+    flawed"). ``ZERO_SNR_V`` follows their fix: betas rescaled to zero terminal SNR, v prediction (epsilon
+    is undefined at SNR 0), and DDIM from t = 999 ("trailing" spacing) down to the clean sample.
+    """
+
+    prediction: str = "epsilon"
+    zero_terminal_snr: bool = False
+    beta_schedule: str = BETA_SCHEDULE
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; use one of {list(PREDICTIONS)}")
+        if self.zero_terminal_snr and self.prediction == "epsilon":
+            raise ValueError("epsilon prediction is undefined at zero terminal SNR; use v_prediction")
+
+    def _kwargs(self) -> dict:
+        return dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=self.beta_schedule,
+                    prediction_type=self.prediction, clip_sample=False,
+                    rescale_betas_zero_snr=self.zero_terminal_snr)
+
+    def train_scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler(**self._kwargs())
+
+    def sampling_scheduler(self, steps: int) -> DDIMScheduler:
+        if self.zero_terminal_snr:  # start at t = 999 (pure noise) and end on the clean sample
+            sched = DDIMScheduler(**self._kwargs(), set_alpha_to_one=True, timestep_spacing="trailing")
+        else:  # not t=999: x0 from eps blows up there
+            sched = DDIMScheduler(**self._kwargs(), set_alpha_to_one=False, timestep_spacing="leading",
+                                  steps_offset=1)
+        sched.set_timesteps(steps)
+        return sched
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The training target: ``noise`` (epsilon) or ``sqrt(a) * noise - sqrt(1 - a) * x0`` (v)."""
+        if self.prediction == "epsilon":
+            return noise
+        return self.train_scheduler().get_velocity(x0, noise, timesteps)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "NoiseSchedule":
+        """``None`` (a checkpoint from before schedules were recorded) is the paper's setting."""
+        return cls(**data) if data else cls()
+
+    @classmethod
+    def named(cls, name: str) -> "NoiseSchedule":
+        if name not in SCHEDULES:
+            raise ValueError(f"unknown noise schedule {name!r}; use one of {list(SCHEDULES)}")
+        return SCHEDULES[name]
 
 
-def sampling_scheduler(steps: int) -> DDIMScheduler:
-    sched = DDIMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=BETA_SCHEDULE,
-                          prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False,
-                          timestep_spacing="leading", steps_offset=1)  # not t=999: x0 from eps blows up there
-    sched.set_timesteps(steps)
-    return sched
+SCHEDULES = {"eps-cosine": NoiseSchedule(),
+             "v-zero-snr": NoiseSchedule("v_prediction", zero_terminal_snr=True)}
+EPS_COSINE, ZERO_SNR_V = SCHEDULES["eps-cosine"], SCHEDULES["v-zero-snr"]
+
+
+def train_scheduler(schedule: NoiseSchedule = EPS_COSINE) -> DDPMScheduler:
+    return schedule.train_scheduler()
+
+
+def sampling_scheduler(steps: int, schedule: NoiseSchedule = EPS_COSINE) -> DDIMScheduler:
+    return schedule.sampling_scheduler(steps)
 
 
 def bind_subnet(model: torch.nn.Module, subnet=None) -> Callable:
@@ -44,7 +107,7 @@ def null_context(model: torch.nn.Module, batch: int) -> torch.Tensor | None:
 def noise_augment(low_res: torch.Tensor, level: torch.Tensor, generator: torch.Generator | None = None):
     """Imagen-style conditioning augmentation: diffuse the low-res video to ``level`` in [0, 1] of the
     schedule. ``low_res`` ``(B, 3, T, h, w)``, ``level`` ``(B,)``."""
-    sched = train_scheduler()
+    sched = EPS_COSINE.train_scheduler()
     t = (level * (NUM_TRAIN_TIMESTEPS - 1)).round().long()
     noise = torch.randn(low_res.shape, generator=generator).to(low_res)
     return sched.add_noise(low_res, noise, t)
@@ -54,14 +117,15 @@ def noise_augment(low_res: torch.Tensor, level: torch.Tensor, generator: torch.G
 def ddim_sample(denoiser: Callable, shape: tuple[int, ...], context: torch.Tensor | None,
                 null: torch.Tensor | None, steps: int = 20, guidance: float = 3.0,
                 generator: torch.Generator | None = None, progress: Callable | None = None,
-                clip: bool = True, **conditioning) -> torch.Tensor:
-    """DDIM sampling with classifier-free guidance: ``eps = eps_null + g * (eps_text - eps_null)``.
+                clip: bool = True, schedule: NoiseSchedule = EPS_COSINE, **conditioning) -> torch.Tensor:
+    """DDIM sampling with classifier-free guidance: ``out = out_null + g * (out_text - out_null)`` on the
+    denoiser's output (epsilon or v, as ``schedule`` says).
 
     ``shape`` ``(B, C, T, H, W)``; ``context``/``null`` ``(B, L, D)`` text tokens (``None`` when
     unconditional or ``guidance == 1``). Conditioning tensors are repeated for the doubled batch.
     Returns the sample, clamped to [-1, 1] when ``clip`` (pixels; latents are returned as they are).
     """
-    sched = sampling_scheduler(steps)
+    sched = schedule.sampling_scheduler(steps)
     x = torch.randn(shape, generator=generator)
     device = next(iter(conditioning.values())).device if conditioning else None
     x = x.to(device) if device is not None else x
@@ -71,14 +135,15 @@ def ddim_sample(denoiser: Callable, shape: tuple[int, ...], context: torch.Tenso
         tt = torch.full((shape[0],), int(t), dtype=torch.long, device=x.device)
         if guided:
             cond = {k: torch.cat([v, v]) for k, v in conditioning.items()}
-            eps = denoiser(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, null]), **cond)
-            eps_text, eps_null = eps.chunk(2)
-            eps = eps_null + guidance * (eps_text - eps_null)
+            out = denoiser(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, null]), **cond)
+            out_text, out_null = out.chunk(2)
+            out = out_null + guidance * (out_text - out_null)
         else:
-            eps = denoiser(x, tt, context, **conditioning)
-        x = sched.step(eps, t, x, generator=generator).prev_sample
+            out = denoiser(x, tt, context, **conditioning)
+        x = sched.step(out, t, x, generator=generator).prev_sample
     return x.clamp(-1, 1) if clip else x
 
 
-def epsilon_loss(prediction: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(prediction, noise)
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error to the schedule's target (``NoiseSchedule.target``)."""
+    return F.mse_loss(prediction, target)

@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.candidates import Candidate
-from harness.checkpoints import load_model
+from harness.checkpoints import load_model, training_provenance
 from harness.cli import run_cli
 from harness.latent import FOLDER as LATENT_FOLDER
 from harness.latent import find_codec
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     base = load_model(args.checkpoint or study.user_attrs["checkpoint"])
     out = Path(args.out)
     static = base.extract(cand.base)
-    save_static(static, out / "base")
+    save_static(static, out / "base", extra=training_provenance(base))
     written = [out / "base"]
     codec = find_codec(base)
     if codec is not None:  # a latent subnet runs with its autoencoder: found beside it by harness.sample
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
         written.append(out / LATENT_FOLDER)
     if cand.ssr is not None:
         ssr = load_model(args.ssr_checkpoint or study.user_attrs["ssr_checkpoint"])
-        save_static(ssr.extract(cand.ssr), out / "ssr")
+        save_static(ssr.extract(cand.ssr), out / "ssr", extra=training_provenance(ssr))
         written.append(out / "ssr")
     (out / "candidate.json").write_text(json.dumps(
         {"candidate": cand.to_dict(), "study": args.study, "trial": args.trial, "values": trial.values,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from harness.checkpoints import noise_schedule_of
 from harness.diffusion import bind_subnet, ddim_sample, noise_augment, null_context
 from harness.latent import LatentCodec
 from search_spaces import SubnetConfig, Supernet
@@ -93,7 +94,7 @@ def generate(chain: Chain, prompts: list[str], resolution: int | None = None, st
 
     video = ddim_sample(_base_denoiser(chain), (b, chain.channels, frames, stages[0], stages[0]), context,
                         null_context(chain.base, b), steps=steps, guidance=guidance, generator=g, progress=bar,
-                        clip=chain.codec is None)
+                        clip=chain.codec is None, schedule=noise_schedule_of(chain.base))
     if chain.codec is not None:
         return chain.codec.decode(video)
     for r in stages[1:]:
@@ -103,5 +104,5 @@ def generate(chain: Chain, prompts: list[str], resolution: int | None = None, st
         denoiser = bind_subnet(chain.ssr, sub) if sub is not None else chain.ssr
         video = ddim_sample(denoiser, (b, 3, frames, r, r), context, null_context(chain.ssr, b),
                             steps=ssr_steps or steps, guidance=guidance, generator=g, progress=bar,
-                            low_res=low, noise_level=level)
+                            schedule=noise_schedule_of(chain.ssr), low_res=low, noise_level=level)
     return video

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 
 from harness.cli import run_cli
+from harness.diffusion import SCHEDULES
 from harness.training.loop import TrainOptions, init_distributed, train
 
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --sandwich: the largest subnet's prediction is the others' target")
     p.add_argument("--offset-noise", type=float, default=d.offset_noise,
                    help="per-channel offset added to the diffusion noise (0: off; 0.1 fixes washed-out means)")
+    p.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
+                   help="noise schedule and target: eps-cosine (the paper's) or v-zero-snr (Lin et al. 2024)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
     p.add_argument("--out", default=d.out, help="run directory (checkpoint, log.jsonl, samples)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations per checkpoint")

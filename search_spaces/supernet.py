@@ -139,9 +139,10 @@ def static_config_dict(model: VideoUNet) -> dict:
             "subnet": None if cfg is None else cfg.to_dict()}
 
 
-def save_static(model: VideoUNet, directory: str | Path) -> None:
-    """Save an extracted subnet (safetensors + config.json) for ``load_static``."""
-    save_module(model, directory, static_config_dict(model))
+def save_static(model: VideoUNet, directory: str | Path, extra: dict | None = None) -> None:
+    """Save an extracted subnet (safetensors + config.json) for ``load_static``; ``extra`` goes into
+    config.json too (e.g. the supernet's text encoder and noise schedule)."""
+    save_module(model, directory, (extra or {}) | static_config_dict(model))
 
 
 def load_static(directory: str | Path) -> VideoUNet:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from harness.data import resize_video
-from harness.diffusion import NUM_TRAIN_TIMESTEPS, noise_augment, train_scheduler
+from harness.diffusion import EPS_COSINE, NUM_TRAIN_TIMESTEPS, NoiseSchedule, noise_augment
 
 
 def step_rng(seed: int, step: int, stream: int) -> np.random.Generator:
@@ -46,12 +46,14 @@ class ClipSource:
 
 @dataclass
 class Batch:
-    """One rank's share of a step: ``noisy``/``noise`` ``(b, 3, T, R, R)``, ``timesteps`` ``(b,)``,
+    """One rank's share of a step: ``noisy``/``noise``/``target`` ``(b, 3, T, R, R)`` (``target``: what the
+    schedule's denoiser predicts, the noise or v), ``timesteps`` ``(b,)``,
     ``context`` ``(b, L, D)`` or None with ``drop`` ``(b,)`` marking classifier-free-guidance dropout,
     and for super-resolution ``low_res`` ``(b, 3, T, R/2, R/2)`` and ``noise_level`` ``(b,)``."""
 
     noisy: torch.Tensor
     noise: torch.Tensor
+    target: torch.Tensor
     timesteps: torch.Tensor
     context: torch.Tensor | None
     drop: torch.Tensor
@@ -70,17 +72,20 @@ class Batch:
 
 def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolution: int, global_batch: int,
                rank: int = 0, world: int = 1, cond_drop: float = 0.1, super_resolution: bool = False,
-               max_noise_level: float = 0.5, encode=None, offset_noise: float = 0.0) -> Batch:
+               max_noise_level: float = 0.5, encode=None, offset_noise: float = 0.0,
+               schedule: NoiseSchedule = EPS_COSINE) -> Batch:
     """One rank's share of step ``step``'s global batch. ``encode`` (latent families) maps a pixel clip
     batch ``(1, 3, T, R, R)`` to the latents the supernet denoises; ``resolution`` is then in pixels.
 
     ``offset_noise`` (Guttenberg 2023): adds ``offset_noise * N(0, 1)`` per sample and channel, constant
     over frames and pixels, to the diffusion noise. With the cosine schedule's non-zero terminal SNR the
     network otherwise reads each clip's mean colour from the faint signal left at t ~ 980 (Lin et al.
-    2024); sampling starts from zero-mean noise, so it then generates grey instead of dark backgrounds."""
+    2024); sampling starts from zero-mean noise, so it then generates grey instead of dark backgrounds.
+    A zero-terminal-SNR ``schedule`` removes that cause. The super-resolution conditioning is always
+    noised on the paper's schedule (its noise level is an input, not a prediction)."""
     indices = step_rng(seed, step, 2).integers(0, len(source), size=global_batch)
     mine = list(range(rank, global_batch, world))
-    sched = train_scheduler()
+    sched = schedule.train_scheduler()
     clips, lows, noises, ts, drops, levels, captions = [], [], [], [], [], [], []
     for j in mine:
         g = sample_generator(seed, step, j)
@@ -102,7 +107,8 @@ def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolu
     x0, noise = torch.stack(clips), torch.stack(noises)
     timesteps = torch.tensor(ts, dtype=torch.long)
     context = text_encoder.encode(captions) if text_encoder is not None else None
-    return Batch(noisy=sched.add_noise(x0, noise, timesteps), noise=noise, timesteps=timesteps, context=context,
+    return Batch(noisy=sched.add_noise(x0, noise, timesteps), noise=noise,
+                 target=schedule.target(x0, noise, timesteps), timesteps=timesteps, context=context,
                  drop=torch.tensor(drops, dtype=torch.bool),
                  low_res=torch.stack(lows) if super_resolution else None,
                  noise_level=torch.cat(levels) if super_resolution else None)

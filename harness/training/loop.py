@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from harness.autoencoder import load_autoencoder
 from harness.data import build_dataset
-from harness.diffusion import epsilon_loss
+from harness.diffusion import NoiseSchedule, diffusion_loss
 from harness.latent import FOLDER as LATENT_FOLDER
 from harness.latent import LATENT_FILE, LatentCodec, is_latent
 from harness.text_encoder import load_text_encoder
@@ -52,6 +52,7 @@ class TrainOptions:
     sandwich: bool = False           # largest + smallest + one random subnet per step (AttentiveNAS, BigNAS)
     inplace_distill: bool = False    # largest subnet's prediction is the others' target (needs sandwich)
     offset_noise: float = 0.0        # per-channel noise offset (see make_batch); 0 = the paper's plain noise
+    schedule: str = "eps-cosine"     # noise schedule + prediction target (harness.diffusion.SCHEDULES)
     seed: int = 0
     out: str = "results/runs/train"
     checkpoint_every: int = 200
@@ -114,6 +115,7 @@ class Trainer:
                                  f"{self.net.spec.context_dim}")
         self.optimizer = MaskedAdamW(self.net.named_parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.ema = MaskedEMA(self.net.named_parameters(), decay=opts.ema_decay)
+        self.schedule = NoiseSchedule.named(opts.schedule)
         self.step = 0
         self.history: list[dict] = []
 
@@ -132,7 +134,7 @@ class Trainer:
                            global_batch=opts.batch, rank=self.rank, world=self.world, cond_drop=opts.cond_drop,
                            super_resolution=self.super_resolution,
                            encode=self.codec.encode if self.codec is not None else None,
-                           offset_noise=opts.offset_noise)
+                           offset_noise=opts.offset_noise, schedule=self.schedule)
 
         # Diffusion loss of each subnet; in-place distillation targets the largest one's prediction.
         losses, teacher = [], None
@@ -140,8 +142,8 @@ class Trainer:
             # Built per subnet: the null-text mix is part of each backward's graph.
             kwargs = batch.model_kwargs(getattr(net, "null_text", None))
             pred = net(batch.noisy, batch.timesteps, subnet=cfg, **kwargs)
-            target = batch.noise if (teacher is None or not opts.inplace_distill) else teacher
-            loss = epsilon_loss(pred, target)
+            target = batch.target if (teacher is None or not opts.inplace_distill) else teacher
+            loss = diffusion_loss(pred, target)
             loss.backward()
             losses.append(loss.detach())
             if i == 0 and opts.sandwich and opts.inplace_distill:
@@ -218,6 +220,7 @@ class Trainer:
                 "data": {"spec": self.opts.data, "captions": self.opts.captions, "num_videos": len(self.dataset),
                          "frames": self.net.hyper.frames},
                 "text_encoder": self.text.identity if self.text else None,
+                "noise_schedule": self.schedule.to_dict(),
                 "latent": {"autoencoder": self.opts.autoencoder, "scale": self.codec.scale} if self.codec else None,
                 "init": {"path": self.opts.init, "sha256": self.init_hash} if self.opts.init else None,
                 "optimizer": self.optimizer.hyperparameters(), "torch_version": torch.__version__,

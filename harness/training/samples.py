@@ -34,7 +34,8 @@ def write_training_samples(trainer, steps: int = 10, guidance: float = 3.0, seed
         g = torch.Generator().manual_seed(seed)
         video = ddim_sample(bind_subnet(net, cfg), (len(PROMPTS), net.spec.in_channels, frames, res, res), context,
                             null_context(net, len(PROMPTS)) if context is not None else None, steps=steps,
-                            guidance=guidance, generator=g, clip=trainer.codec is None, **conditioning)
+                            guidance=guidance, generator=g, clip=trainer.codec is None,
+                            schedule=trainer.schedule, **conditioning)
         videos.append(trainer.codec.decode(video) if trainer.codec is not None else video)
     net.train(was_training)
     out = Path(trainer.opts.out) / "samples" / f"step_{trainer.step:07d}.gif"
