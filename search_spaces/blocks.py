@@ -58,7 +58,8 @@ class ResSpec:
 class ResBlock(DynamicModule):
     """GroupNorm-SiLU-Conv(1x3x3) [+ temporal Conv(3x1x1)] + time embedding, GroupNorm-SiLU-Conv, residual.
 
-    Input ``(B, sum(in_sizes), T, H, W)``, time embedding ``(B, temb_dim)``; output ``(B, out, T, H, W)``.
+    Input ``(B, sum(in_sizes), T, H, W)``, time embedding ``(B, temb_dim)`` or per frame ``(B, T, temb_dim)``;
+    output ``(B, out, T, H, W)``.
     ``scale_shift`` uses the time embedding as ``norm(h) * (1 + scale) + shift`` (LVDM / ADM).
     """
 
@@ -91,7 +92,9 @@ class ResBlock(DynamicModule):
         h = self.conv1(F.silu(self.norm1(x, p["norm1"])), p["conv1"])
         if self.conv_t is not None:
             h = h + self.conv_t(h, p["conv_t"])
-        e = self.emb(F.silu(temb), p["emb"])[:, :, None, None, None]  # (B, hidden[*2], 1, 1, 1)
+        e = self.emb(F.silu(temb), p["emb"])
+        # (B, hidden[*2], 1 or T, 1, 1)
+        e = e[:, :, None, None, None] if e.dim() == 2 else e.transpose(1, 2)[:, :, :, None, None]
         if self.scale_shift:
             scale, shift = e.split(spec.hidden, dim=1)
             h = self.norm2(h, p["norm2"]) * (1 + scale) + shift

@@ -42,6 +42,7 @@ class UNetHyper:
     max_frames: int = 16
     frames: int = 12
     temporal_conv: bool = True
+    frame_embedding: bool = False  # a learned per-frame vector added to the time embedding (see VideoUNet)
     scale_shift: bool = False
     padding_mode: str = "zeros"
     resolutions: tuple[int, ...] = (16,)
@@ -165,6 +166,7 @@ class UNetPlan:
             context_dim=h.context_dim, context_len=h.context_len, head_dim=h.head_dim,
             group_size=h.group_size, max_frames=h.max_frames, temporal_conv=h.temporal_conv,
             scale_shift=h.scale_shift, padding_mode=h.padding_mode, conv_in=widths["down0.width"],
+            frame_embedding=h.frame_embedding,
             down=tuple(tuple(specs[f"down{l}.{i}"] for i in range(h.num_res_blocks)) for l in range(levels)),
             down_widths=tuple(widths[f"down{l}.width"] for l in range(levels)),
             mid=tuple(specs[f"mid.{i}"] for i in range(h.mid_blocks)),

@@ -45,6 +45,7 @@ class UNetSpec:
     mid: tuple[BlockSpec, ...]
     up: tuple[tuple[BlockSpec, ...], ...]  # per level, index = level (level 0 = full resolution)
     up_widths: tuple[int, ...]
+    frame_embedding: bool = False          # absolute frame index in the time embedding
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +82,8 @@ class VideoUNet(DynamicModule):
                                         nn.Linear(s.temb_dim, s.temb_dim))
         self.noise_embed = (nn.Sequential(nn.Linear(s.model_channels, s.temb_dim), nn.SiLU(),
                                           nn.Linear(s.temb_dim, s.temb_dim)) if s.noise_cond else None)
+        if s.frame_embedding:  # zero at init: adding it to a trained network leaves its function unchanged
+            self.frame_embed = nn.Parameter(torch.zeros(s.max_frames, s.temb_dim))
         if s.context_dim:
             self.null_text = nn.Parameter(torch.randn(1, s.context_len, s.context_dim) * 0.02)
         self.conv_in = DynamicConv(s.in_channels + s.cond_channels, s.conv_in, (1, 3, 3),
@@ -134,8 +137,15 @@ class VideoUNet(DynamicModule):
         return out
 
     # -- forward -------------------------------------------------------------------------------------
-    def embed(self, timestep: torch.Tensor, noise_level: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Time (+ noise-augmentation level) embedding ``(B, temb_dim)``."""
+    def embed(self, timestep: torch.Tensor, noise_level: torch.Tensor | None, batch: int,
+              frames: int) -> torch.Tensor:
+        """Time (+ noise-augmentation level) embedding ``(B, temb_dim)``; with ``frame_embedding``
+        ``(B, T, temb_dim)``, the frame's learned vector added.
+
+        Why a frame embedding: temporal convolutions and relative-position attention are (up to the clip's
+        edges) blind to *which* frame they are at, and the first denoising step of a zero-terminal-SNR
+        schedule sees noise that is alike in every frame. Placing an object at ``x0 - v * t`` for a prompted
+        direction needs ``t``; without it the model learnt colour, shape and size but not direction."""
         t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(-1)
         temb = self.time_embed(get_timestep_embedding(t, self.spec.model_channels, flip_sin_to_cos=True,
                                                       downscale_freq_shift=0).to(self.conv_in.weight.dtype))
@@ -146,6 +156,10 @@ class VideoUNet(DynamicModule):
             emb = get_timestep_embedding(level.float() * 1000, self.spec.model_channels, flip_sin_to_cos=True,
                                          downscale_freq_shift=0)
             temb = temb + self.noise_embed(emb.to(temb.dtype))
+        if self.spec.frame_embedding:
+            if frames > self.spec.max_frames:
+                raise ValueError(f"{frames} frames exceed the model's max_frames {self.spec.max_frames}")
+            temb = temb[:, None, :] + self.frame_embed[:frames]
         return temb
 
     def text_context(self, encoder_hidden_states: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -163,7 +177,7 @@ class VideoUNet(DynamicModule):
         if h % (2 ** (len(spec.down) - 1)) or w % (2 ** (len(spec.down) - 1)):
             raise ValueError(f"resolution {h}x{w} must be divisible by {2 ** (len(spec.down) - 1)}")
         timestep = torch.as_tensor(timestep, device=sample.device)
-        temb = self.embed(timestep, noise_level, b)
+        temb = self.embed(timestep, noise_level, b, t)
         context = self.text_context(encoder_hidden_states, b)
         p = self.plan(spec)
         x = sample

@@ -92,3 +92,26 @@ def test_paper_preset_sizes_on_meta(family, target, tol):
     n = sum(p.numel() for p in net.parameters())
     assert abs(n - target) / target <= tol, f"{family} paper preset has {n / 1e6:.1f}M parameters"
     assert net.space.total_params == n
+
+
+def test_zero_frame_embedding_is_the_network_without_one(tiny_nets):
+    """The tiny base's frame embedding starts at zero, so a supernet saved without one (older checkpoints,
+    ``--init``) computes exactly the same function after gaining it; trained, it makes frames differ."""
+    import dataclasses
+
+    net = tiny_nets["pixel-base"]
+    assert net.hyper.frame_embedding
+    plain = build_supernet("pixel-base", "tiny", hyper=dataclasses.replace(net.hyper, frame_embedding=False))
+    missing, unexpected = plain.load_state_dict(net.state_dict(), strict=False)
+    assert not missing and unexpected == ["frame_embed"]
+    cfg = net.space.sample(2)
+    inputs = net.dummy_inputs(cfg, batch_size=2, frames=12, seed=0)
+    saved = net.frame_embed.detach().clone()
+    with torch.no_grad():
+        net.frame_embed.zero_()
+        # Equal up to float rounding: the time projection runs per frame, a differently shaped matmul.
+        torch.testing.assert_close(net(**inputs, subnet=cfg), plain(**inputs, subnet=cfg), atol=1e-6, rtol=0)
+        net.frame_embed.copy_(saved)
+        assert (net(**inputs, subnet=cfg) - plain(**inputs, subnet=cfg)).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="frames exceed the model's max_frames"):
+            net(**net.dummy_inputs(cfg, batch_size=1, frames=net.hyper.max_frames + 1), subnet=cfg)

@@ -12,6 +12,8 @@ import torch
 from harness.training.checkpoint import find_checkpoint, load_checkpoint
 from harness.training.loop import TrainOptions, Trainer, train, warmup_limits
 
+from .conftest import randomize_
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -155,3 +157,23 @@ def test_offset_noise_shifts_each_channel_by_a_constant(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--offset-noise -1.0 is negative" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_init_from_a_supernet_saved_without_the_frame_embedding(tmp_path):
+    """--init accepts a supernet saved before the tiny base gained its frame embedding (it starts at zero)
+    and refuses one of another architecture with a one-line error."""
+    from search_spaces import build_supernet
+
+    old = build_supernet("pixel-base", "tiny")
+    old_hyper = dataclasses.replace(old.hyper, frame_embedding=False)
+    old = randomize_(build_supernet("pixel-base", "tiny", hyper=old_hyper))  # trained-like: gradients reach it
+    old.save_pretrained(tmp_path / "old")
+    trainer = Trainer(_opts(tmp_path, init=str(tmp_path / "old")))
+    assert torch.equal(trainer.net.frame_embed, torch.zeros_like(trainer.net.frame_embed))
+    assert torch.equal(trainer.net.state_dict()["conv_in.weight"], old.state_dict()["conv_in.weight"])
+    trainer.train_step()
+    assert trainer.net.frame_embed.abs().sum() > 0  # and it trains
+    other = build_supernet("pixel-base", "tiny", hyper=dataclasses.replace(old_hyper, model_channels=16))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="does not match this pixel-base/tiny supernet .*size mismatch"):
+        Trainer(_opts(tmp_path / "o", init=str(tmp_path / "other")))

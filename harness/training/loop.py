@@ -192,7 +192,16 @@ class Trainer:
         if not isinstance(model, Supernet) or (model.family, model.preset) != (self.opts.family, self.opts.preset):
             raise ValueError(f"--init {path} is not a {self.opts.family}/{self.opts.preset} supernet; pass one "
                              f"saved by this family and preset")
-        self.net.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        mismatch = f"--init {path} does not match this {self.opts.family}/{self.opts.preset} supernet"
+        try:
+            missing, unexpected = self.net.load_state_dict(
+                {k: v.float() for k, v in model.state_dict().items()}, strict=False)
+        except RuntimeError as e:  # shapes differ
+            raise ValueError(f"{mismatch} ({str(e).splitlines()[1].strip()}); pass one of this preset") from None
+        # A supernet saved before its preset gained a frame embedding starts with it at zero (no change).
+        if unexpected or set(missing) - {"frame_embed"}:
+            raise ValueError(f"{mismatch} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
+                             f"pass one of this preset")
         return checkpoint_hash(model.checkpoint_dir)
 
     def _union_masks(self, subnets) -> dict:
