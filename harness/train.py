@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-channel offset added to the diffusion noise (0: off; 0.1 fixes washed-out means)")
     p.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
                    help="noise schedule and target: eps-cosine (the paper's) or v-zero-snr (Lin et al. 2024)")
+    p.add_argument("--late-timestep-portion", type=float, default=d.late_timestep_portion,
+                   help="the noisiest portion of the timesteps that --late-timestep-multiplier favours")
+    p.add_argument("--late-timestep-multiplier", type=float, default=d.late_timestep_multiplier,
+                   help="draw those timesteps this many times as often (1: uniform; >1 trains the coarse "
+                        "layout and motion that sampling decides first)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
     p.add_argument("--out", default=d.out, help="run directory (checkpoint, log.jsonl, samples)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations per checkpoint")

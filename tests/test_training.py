@@ -166,7 +166,7 @@ def test_init_from_a_supernet_saved_without_the_frame_embedding(tmp_path):
 
     old = build_supernet("pixel-base", "tiny")
     old_hyper = dataclasses.replace(old.hyper, frame_embedding=False)
-    old = randomize_(build_supernet("pixel-base", "tiny", hyper=old_hyper))  # trained-like: gradients reach it
+    old = randomize_(build_supernet("pixel-base", "tiny", hyper=old_hyper))  # gradients reach it
     old.save_pretrained(tmp_path / "old")
     trainer = Trainer(_opts(tmp_path, init=str(tmp_path / "old")))
     assert torch.equal(trainer.net.frame_embed, torch.zeros_like(trainer.net.frame_embed))
@@ -177,3 +177,19 @@ def test_init_from_a_supernet_saved_without_the_frame_embedding(tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="does not match this pixel-base/tiny supernet .*size mismatch"):
         Trainer(_opts(tmp_path / "o", init=str(tmp_path / "other")))
+
+
+def test_late_timestep_bias_draws_the_noisiest_timesteps_more_often():
+    from harness.data import build_dataset
+    from harness.training.batches import ClipSource, make_batch, timestep_weights
+
+    assert timestep_weights(0.25, 1.0) is None  # uniform: the paper's draw, unchanged
+    w = timestep_weights(0.25, 3.0)
+    assert w.sum().item() == pytest.approx(1.0) and w[750] == pytest.approx(3 * w[749])
+    source = ClipSource(build_dataset("synthetic", "train", frames=12, resolution=16, seed=0, num_videos=8))
+    draws = torch.cat([make_batch(source, None, seed=0, step=s, resolution=16, global_batch=64, t_weights=w).timesteps
+                       for s in range(8)])
+    late = (draws >= 750).float().mean().item()
+    assert 0.4 < late < 0.6  # expected 0.75 / 1.5 = 0.5 (uniform: 0.25)
+    with pytest.raises(ValueError, match="portion in \\(0, 1\\] and a positive multiplier"):
+        timestep_weights(0.0, 3.0)

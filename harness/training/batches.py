@@ -20,6 +20,19 @@ def step_rng(seed: int, step: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, stream])
 
 
+def timestep_weights(late_portion: float = 0.25, late_multiplier: float = 1.0) -> torch.Tensor | None:
+    """Sampling weights over the training timesteps: the noisiest ``late_portion`` drawn ``late_multiplier``
+    times as often (diffusers' "later" timestep bias); ``None`` (uniform) when the multiplier is 1."""
+    if not 0.0 < late_portion <= 1.0 or late_multiplier <= 0:
+        raise ValueError(f"timestep bias needs a portion in (0, 1] and a positive multiplier, got "
+                         f"{late_portion} and {late_multiplier}")
+    if late_multiplier == 1.0:
+        return None
+    weights = torch.ones(NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
+    weights[NUM_TRAIN_TIMESTEPS - round(late_portion * NUM_TRAIN_TIMESTEPS):] = late_multiplier
+    return weights / weights.sum()
+
+
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, 7, index]).integers(2**62)))
 
@@ -73,7 +86,7 @@ class Batch:
 def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolution: int, global_batch: int,
                rank: int = 0, world: int = 1, cond_drop: float = 0.1, super_resolution: bool = False,
                max_noise_level: float = 0.5, encode=None, offset_noise: float = 0.0,
-               schedule: NoiseSchedule = EPS_COSINE) -> Batch:
+               schedule: NoiseSchedule = EPS_COSINE, t_weights: torch.Tensor | None = None) -> Batch:
     """One rank's share of step ``step``'s global batch. ``encode`` (latent families) maps a pixel clip
     batch ``(1, 3, T, R, R)`` to the latents the supernet denoises; ``resolution`` is then in pixels.
 
@@ -81,7 +94,8 @@ def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolu
     over frames and pixels, to the diffusion noise. With the cosine schedule's non-zero terminal SNR the
     network otherwise reads each clip's mean colour from the faint signal left at t ~ 980 (Lin et al.
     2024); sampling starts from zero-mean noise, so it then generates grey instead of dark backgrounds.
-    A zero-terminal-SNR ``schedule`` removes that cause. The super-resolution conditioning is always
+    A zero-terminal-SNR ``schedule`` removes that cause. ``t_weights`` (``timestep_weights``) biases
+    the timesteps drawn; ``None`` draws them uniformly. The super-resolution conditioning is always
     noised on the paper's schedule (its noise level is an input, not a prediction)."""
     indices = step_rng(seed, step, 2).integers(0, len(source), size=global_batch)
     mine = list(range(rank, global_batch, world))
@@ -93,7 +107,8 @@ def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolu
         if encode is not None:
             clip = encode(clip[None])[0]
         noises.append(torch.randn(clip.shape, generator=g))
-        ts.append(int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g)))
+        ts.append(int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g)) if t_weights is None
+                  else int(torch.multinomial(t_weights, 1, generator=g)))
         drops.append(bool(torch.rand(1, generator=g) < cond_drop))
         captions.append(source.caption(int(indices[j])))
         if super_resolution:

@@ -27,7 +27,7 @@ from harness.diffusion import NoiseSchedule, diffusion_loss
 from harness.latent import FOLDER as LATENT_FOLDER
 from harness.latent import LATENT_FILE, LatentCodec, is_latent
 from harness.text_encoder import load_text_encoder
-from harness.training.batches import ClipSource, make_batch, step_rng
+from harness.training.batches import ClipSource, make_batch, step_rng, timestep_weights
 from harness.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from harness.training.masked_optim import MaskedAdamW, MaskedEMA, masked_clip_grad_norm_
 from search_spaces import Supernet, build_supernet
@@ -53,6 +53,8 @@ class TrainOptions:
     inplace_distill: bool = False    # largest subnet's prediction is the others' target (needs sandwich)
     offset_noise: float = 0.0        # per-channel noise offset (see make_batch); 0 = the paper's plain noise
     schedule: str = "eps-cosine"     # noise schedule + prediction target (harness.diffusion.SCHEDULES)
+    late_timestep_portion: float = 0.25    # the noisiest quarter of the timesteps ...
+    late_timestep_multiplier: float = 1.0  # ... drawn this many times as often (1 = uniform, the paper's)
     seed: int = 0
     out: str = "results/runs/train"
     checkpoint_every: int = 200
@@ -116,6 +118,7 @@ class Trainer:
         self.optimizer = MaskedAdamW(self.net.named_parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         self.ema = MaskedEMA(self.net.named_parameters(), decay=opts.ema_decay)
         self.schedule = NoiseSchedule.named(opts.schedule)
+        self.t_weights = timestep_weights(opts.late_timestep_portion, opts.late_timestep_multiplier)
         self.step = 0
         self.history: list[dict] = []
 
@@ -134,7 +137,7 @@ class Trainer:
                            global_batch=opts.batch, rank=self.rank, world=self.world, cond_drop=opts.cond_drop,
                            super_resolution=self.super_resolution,
                            encode=self.codec.encode if self.codec is not None else None,
-                           offset_noise=opts.offset_noise, schedule=self.schedule)
+                           offset_noise=opts.offset_noise, schedule=self.schedule, t_weights=self.t_weights)
 
         # Diffusion loss of each subnet; in-place distillation targets the largest one's prediction.
         losses, teacher = [], None
