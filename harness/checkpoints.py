@@ -101,7 +101,13 @@ def training_provenance(model) -> dict:
 
 
 def _trained_steps(directory: str | Path) -> int | None:
-    """All steps behind a saved supernet: its own plus, when it was itself trained from one, its init's."""
+    """All steps behind a saved supernet or a training run: its own plus, when it was itself trained from
+    one, its init's."""
+    ckpt = _checkpoint_dir(Path(directory))
+    if ckpt is not None and (ckpt / "training.json").is_file():  # a run: count on through its own init
+        meta = json.loads((ckpt / "training.json").read_text())
+        before = _trained_steps(meta["init"]["path"]) if meta.get("init") else 0
+        return meta["step"] + before if before is not None else None
     config = Path(directory) / "config.json"
     if not config.is_file():
         return None

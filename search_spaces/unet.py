@@ -46,6 +46,7 @@ class UNetSpec:
     up: tuple[tuple[BlockSpec, ...], ...]  # per level, index = level (level 0 = full resolution)
     up_widths: tuple[int, ...]
     frame_embedding: bool = False          # absolute frame index in the time embedding
+    pooled_text: bool = False              # mean text token in the time embedding (Imagen)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,6 +85,12 @@ class VideoUNet(DynamicModule):
                                           nn.Linear(s.temb_dim, s.temb_dim)) if s.noise_cond else None)
         if s.frame_embedding:  # zero at init: adding it to a trained network leaves its function unchanged
             self.frame_embed = nn.Parameter(torch.zeros(s.max_frames, s.temb_dim))
+        if s.pooled_text and not s.context_dim:
+            raise ValueError("pooled_text needs a text-conditioned model (context_dim > 0)")
+        if s.pooled_text:  # zero at init, like the frame embedding
+            self.pooled_text = nn.Linear(s.context_dim, s.temb_dim)
+            nn.init.zeros_(self.pooled_text.weight)
+            nn.init.zeros_(self.pooled_text.bias)
         if s.context_dim:
             self.null_text = nn.Parameter(torch.randn(1, s.context_len, s.context_dim) * 0.02)
         self.conv_in = DynamicConv(s.in_channels + s.cond_channels, s.conv_in, (1, 3, 3),
@@ -109,6 +116,7 @@ class VideoUNet(DynamicModule):
     # -- sizes ---------------------------------------------------------------------------------------
     def plan(self, spec: UNetSpec) -> dict[str, object]:
         p: dict[str, object] = {"time_embed": FULL,
+                                **({"pooled_text": FULL} if self.spec.pooled_text else {}),
                                 "conv_in": ((spec.in_channels + spec.cond_channels,), spec.conv_in),
                                 "norm_out": (spec.up_widths[0],),
                                 "conv_out": ((spec.up_widths[0],), spec.out_channels)}
@@ -138,9 +146,9 @@ class VideoUNet(DynamicModule):
 
     # -- forward -------------------------------------------------------------------------------------
     def embed(self, timestep: torch.Tensor, noise_level: torch.Tensor | None, batch: int,
-              frames: int) -> torch.Tensor:
-        """Time (+ noise-augmentation level) embedding ``(B, temb_dim)``; with ``frame_embedding``
-        ``(B, T, temb_dim)``, the frame's learned vector added.
+              frames: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Time (+ noise-augmentation level, + pooled text tokens ``context`` ``(B, L, D)``) embedding
+        ``(B, temb_dim)``; with ``frame_embedding`` ``(B, T, temb_dim)``, the frame's learned vector added.
 
         Why a frame embedding: temporal convolutions and relative-position attention are (up to the clip's
         edges) blind to *which* frame they are at, and the first denoising step of a zero-terminal-SNR
@@ -156,6 +164,8 @@ class VideoUNet(DynamicModule):
             emb = get_timestep_embedding(level.float() * 1000, self.spec.model_channels, flip_sin_to_cos=True,
                                          downscale_freq_shift=0)
             temb = temb + self.noise_embed(emb.to(temb.dtype))
+        if self.spec.pooled_text:  # every ResBlock, also those of levels without cross-attention, sees the prompt
+            temb = temb + self.pooled_text(context.mean(dim=1))
         if self.spec.frame_embedding:
             if frames > self.spec.max_frames:
                 raise ValueError(f"{frames} frames exceed the model's max_frames {self.spec.max_frames}")
@@ -177,8 +187,8 @@ class VideoUNet(DynamicModule):
         if h % (2 ** (len(spec.down) - 1)) or w % (2 ** (len(spec.down) - 1)):
             raise ValueError(f"resolution {h}x{w} must be divisible by {2 ** (len(spec.down) - 1)}")
         timestep = torch.as_tensor(timestep, device=sample.device)
-        temb = self.embed(timestep, noise_level, b, t)
         context = self.text_context(encoder_hidden_states, b)
+        temb = self.embed(timestep, noise_level, b, t, context)
         p = self.plan(spec)
         x = sample
         if spec.cond_channels:

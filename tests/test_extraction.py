@@ -94,24 +94,31 @@ def test_paper_preset_sizes_on_meta(family, target, tol):
     assert net.space.total_params == n
 
 
-def test_zero_frame_embedding_is_the_network_without_one(tiny_nets):
-    """The tiny base's frame embedding starts at zero, so a supernet saved without one (older checkpoints,
-    ``--init``) computes exactly the same function after gaining it; trained, it makes frames differ."""
+@pytest.mark.parametrize("part", ["frame_embed", "pooled_text"])
+def test_zero_frame_embedding_and_pooled_text_are_the_network_without_them(tiny_nets, part):
+    """The tiny base's frame embedding and pooled-text projection start at zero, so a supernet saved without
+    them (older checkpoints, ``--init``) computes exactly the same function after gaining them; trained,
+    they change it."""
     import dataclasses
 
     net = tiny_nets["pixel-base"]
-    assert net.hyper.frame_embedding
-    plain = build_supernet("pixel-base", "tiny", hyper=dataclasses.replace(net.hyper, frame_embedding=False))
+    assert net.hyper.frame_embedding and net.hyper.pooled_text
+    plain = build_supernet("pixel-base", "tiny",
+                           hyper=dataclasses.replace(net.hyper, frame_embedding=False, pooled_text=False))
     missing, unexpected = plain.load_state_dict(net.state_dict(), strict=False)
-    assert not missing and unexpected == ["frame_embed"]
+    assert not missing and sorted(unexpected) == ["frame_embed", "pooled_text.bias", "pooled_text.weight"]
     cfg = net.space.sample(2)
     inputs = net.dummy_inputs(cfg, batch_size=2, frames=12, seed=0)
-    saved = net.frame_embed.detach().clone()
+    saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
-        net.frame_embed.zero_()
+        for k in unexpected:
+            net.state_dict()[k].zero_()
         # Equal up to float rounding: the time projection runs per frame, a differently shaped matmul.
         torch.testing.assert_close(net(**inputs, subnet=cfg), plain(**inputs, subnet=cfg), atol=1e-6, rtol=0)
-        net.frame_embed.copy_(saved)
+        for k in unexpected:
+            if k.startswith(part):
+                net.state_dict()[k].copy_(saved[k])
         assert (net(**inputs, subnet=cfg) - plain(**inputs, subnet=cfg)).abs().max() > 1e-3
+        net.load_state_dict(saved)
         with pytest.raises(ValueError, match="frames exceed the model's max_frames"):
             net(**net.dummy_inputs(cfg, batch_size=1, frames=net.hyper.max_frames + 1), subnet=cfg)

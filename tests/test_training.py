@@ -159,20 +159,20 @@ def test_offset_noise_shifts_each_channel_by_a_constant(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_init_from_a_supernet_saved_without_the_frame_embedding(tmp_path):
-    """--init accepts a supernet saved before the tiny base gained its frame embedding (it starts at zero)
-    and refuses one of another architecture with a one-line error."""
+def test_init_from_a_supernet_saved_without_the_zero_initialised_parts(tmp_path):
+    """--init accepts a supernet saved before the tiny base gained its frame embedding and pooled text
+    (they start at zero) and refuses one of another architecture with a one-line error."""
     from search_spaces import build_supernet
 
     old = build_supernet("pixel-base", "tiny")
-    old_hyper = dataclasses.replace(old.hyper, frame_embedding=False)
+    old_hyper = dataclasses.replace(old.hyper, frame_embedding=False, pooled_text=False)
     old = randomize_(build_supernet("pixel-base", "tiny", hyper=old_hyper))  # gradients reach it
     old.save_pretrained(tmp_path / "old")
     trainer = Trainer(_opts(tmp_path, init=str(tmp_path / "old")))
-    assert torch.equal(trainer.net.frame_embed, torch.zeros_like(trainer.net.frame_embed))
+    assert trainer.net.frame_embed.count_nonzero() == 0 and trainer.net.pooled_text.weight.count_nonzero() == 0
     assert torch.equal(trainer.net.state_dict()["conv_in.weight"], old.state_dict()["conv_in.weight"])
     trainer.train_step()
-    assert trainer.net.frame_embed.abs().sum() > 0  # and it trains
+    assert trainer.net.frame_embed.count_nonzero() and trainer.net.pooled_text.weight.count_nonzero()  # trained
     other = build_supernet("pixel-base", "tiny", hyper=dataclasses.replace(old_hyper, model_channels=16))
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="does not match this pixel-base/tiny supernet .*size mismatch"):

@@ -70,6 +70,10 @@ def _per_output_element(scale: float):
     return handle
 
 
+def _mean_flop(inputs: list, outputs: list) -> int:
+    return prod(get_shape(inputs[0]))
+
+
 def _zero(inputs: list, outputs: list) -> int:
     return 0
 
@@ -87,6 +91,7 @@ def _handles(elementwise: bool) -> dict[str, Any]:
     }
     per_element = _per_output_element(1) if elementwise else _zero
     handles.update({op: per_element for op in ELEMENTWISE_OPS})
+    handles["aten::mean"] = _mean_flop if elementwise else _zero  # pooled text tokens: one add per input
     return handles
 
 

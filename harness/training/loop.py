@@ -201,8 +201,10 @@ class Trainer:
                 {k: v.float() for k, v in model.state_dict().items()}, strict=False)
         except RuntimeError as e:  # shapes differ
             raise ValueError(f"{mismatch} ({str(e).splitlines()[1].strip()}); pass one of this preset") from None
-        # A supernet saved before its preset gained a frame embedding starts with it at zero (no change).
-        if unexpected or set(missing) - {"frame_embed"}:
+        # A supernet saved before its preset gained zero-initialised parts (the tiny base's frame embedding
+        # and pooled text) starts with them at zero: the same function.
+        own = self.net.state_dict()
+        if unexpected or any(own[k].count_nonzero() for k in missing):
             raise ValueError(f"{mismatch} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
                              f"pass one of this preset")
         return checkpoint_hash(model.checkpoint_dir)
