@@ -68,29 +68,30 @@ def checkpoint_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def text_encoder_name(model) -> str:
-    """The text encoder a model was trained with (recorded beside its weights); 'minilm' by default."""
+def _recorded_metadata(model):
+    """The JSON metadata saved beside a model's weights: a run's ``training.json``, then ``config.json``."""
     directory = getattr(model, "checkpoint_dir", None)
     for name in ("training.json", "config.json"):
         f = Path(directory) / name if directory else None
         if f is not None and f.is_file():
-            meta = json.loads(f.read_text())
-            enc = meta.get("text_encoder_name") or meta.get("options", {}).get("text_encoder")
-            if enc:
-                return enc
+            yield json.loads(f.read_text())
+
+
+def text_encoder_name(model) -> str:
+    """The text encoder a model was trained with (recorded beside its weights); 'minilm' by default."""
+    for meta in _recorded_metadata(model):
+        enc = meta.get("text_encoder_name") or meta.get("options", {}).get("text_encoder")
+        if enc:
+            return enc
     return "minilm"
 
 
 def noise_schedule_of(model) -> NoiseSchedule:
     """The noise schedule a model was trained on (recorded beside its weights); the paper's setting,
     epsilon on the cosine schedule, for models saved before schedules were recorded."""
-    directory = getattr(model, "checkpoint_dir", None)
-    for name in ("training.json", "config.json"):
-        f = Path(directory) / name if directory else None
-        if f is not None and f.is_file():
-            meta = json.loads(f.read_text())
-            if "noise_schedule" in meta:
-                return NoiseSchedule.from_dict(meta["noise_schedule"])
+    for meta in _recorded_metadata(model):
+        if "noise_schedule" in meta:
+            return NoiseSchedule.from_dict(meta["noise_schedule"])
     return NoiseSchedule()
 
 

@@ -7,6 +7,7 @@ a ``Supernet`` with a subnet bound (``bind_subnet``) or an extracted static ``Vi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +48,9 @@ class NoiseSchedule:
                     rescale_betas_zero_snr=self.zero_terminal_snr)
 
     def train_scheduler(self) -> DDPMScheduler:
-        return DDPMScheduler(**self._kwargs())
+        """The training scheduler (``add_noise``, ``get_velocity``): built once per schedule and shared,
+        since every training step uses it; do not mutate it."""
+        return _train_scheduler(self)
 
     def sampling_scheduler(self, steps: int) -> DDIMScheduler:
         if self.zero_terminal_snr:  # start at t = 999 (pure noise) and end on the clean sample
@@ -77,6 +80,11 @@ class NoiseSchedule:
         if name not in SCHEDULES:
             raise ValueError(f"unknown noise schedule {name!r}; use one of {list(SCHEDULES)}")
         return SCHEDULES[name]
+
+
+@functools.cache
+def _train_scheduler(schedule: NoiseSchedule) -> DDPMScheduler:
+    return DDPMScheduler(**schedule._kwargs())
 
 
 SCHEDULES = {"eps-cosine": NoiseSchedule(),

@@ -85,9 +85,9 @@ class VideoUNet(DynamicModule):
                                           nn.Linear(s.temb_dim, s.temb_dim)) if s.noise_cond else None)
         if s.frame_embedding:  # zero at init: adding it to a trained network leaves its function unchanged
             self.frame_embed = nn.Parameter(torch.zeros(s.max_frames, s.temb_dim))
-        if s.pooled_text and not s.context_dim:
-            raise ValueError("pooled_text needs a text-conditioned model (context_dim > 0)")
         if s.pooled_text:  # zero at init, like the frame embedding
+            if not s.context_dim:
+                raise ValueError("pooled_text needs a text-conditioned model (context_dim > 0)")
             self.pooled_text = nn.Linear(s.context_dim, s.temb_dim)
             nn.init.zeros_(self.pooled_text.weight)
             nn.init.zeros_(self.pooled_text.bias)
@@ -116,12 +116,13 @@ class VideoUNet(DynamicModule):
     # -- sizes ---------------------------------------------------------------------------------------
     def plan(self, spec: UNetSpec) -> dict[str, object]:
         p: dict[str, object] = {"time_embed": FULL,
-                                **({"pooled_text": FULL} if self.spec.pooled_text else {}),
                                 "conv_in": ((spec.in_channels + spec.cond_channels,), spec.conv_in),
                                 "norm_out": (spec.up_widths[0],),
                                 "conv_out": ((spec.up_widths[0],), spec.out_channels)}
         if self.noise_embed is not None:
             p["noise_embed"] = FULL
+        if self.spec.pooled_text:
+            p["pooled_text"] = FULL
         for group, specs in (("down", spec.down), ("up", spec.up)):
             for level, level_specs in enumerate(specs):
                 for i, block in enumerate(level_specs):
@@ -153,7 +154,8 @@ class VideoUNet(DynamicModule):
         Why a frame embedding: temporal convolutions and relative-position attention are (up to the clip's
         edges) blind to *which* frame they are at, and the first denoising step of a zero-terminal-SNR
         schedule sees noise that is alike in every frame. Placing an object at ``x0 - v * t`` for a prompted
-        direction needs ``t``; without it the model learnt colour, shape and size but not direction."""
+        direction needs ``t``. (It is necessary, not sufficient: with it the tiny base still follows the
+        direction only weakly; see results/checkpoints/pixel-base-tiny/command.txt.)"""
         t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(-1)
         temb = self.time_embed(get_timestep_embedding(t, self.spec.model_channels, flip_sin_to_cos=True,
                                                       downscale_freq_shift=0).to(self.conv_in.weight.dtype))

@@ -183,8 +183,8 @@ class LatencyPredictor:
         ``min_run_time`` (s): timed duration per subnet per round. Rounds and run time are set by the noise
         floor: on the 2-core CI machine one 0.1 s reading repeats only to ~14% (Spearman ~0.7 between two
         rounds), so 3 x 0.1 s left the held-out Spearman at 0.94; 5 x 0.3 s brings it above 0.95.
-        ``clock``: ``"wall"`` or ``"process"`` (CPU time; see ``measure_latency``). Weights do not change latency, so an untrained supernet is
-        as good as a trained one.
+        ``clock``: ``"wall"`` or ``"process"`` (CPU time; see ``measure_latency``). Weights do not change
+        latency, so an untrained supernet is as good as a trained one.
         """
         resolution = resolution or net.space.default_resolution
         frames = frames or net.hyper.frames
