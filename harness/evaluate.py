@@ -98,6 +98,11 @@ def main(argv=None) -> None:
         by_attribute = (extra or {}).get("text_alignment_by_attribute")
         if by_attribute:
             print("text alignment by attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in by_attribute.items()))
+        motion = (extra or {}).get("motion_alignment")
+        if motion:
+            print(f"motion alignment (object centroid, no extractor): {motion['fraction']:.2f} of {motion['videos']} "
+                  f"videos move the prompted way (chance 0.25); mean travel along the prompt "
+                  f"{motion['travel']:+.3f} frame widths (held-out real clips: 1.00, +0.47)")
     if extractor is not None:
         print(f"FVD/KVD extractor: {extractor.name}; latency per generated video on {measurer.device_name}")
 

@@ -278,6 +278,7 @@ class Measurer:
     def compute_quality(self, cand: Candidate):
         """``({"fvd", "kvd", "text_alignment" and stds}, provenance)``, not recorded."""
         from harness.metrics.fvd import evaluate_fvd, text_alignment_by_attribute
+        from harness.metrics.motion import motion_alignment
 
         s = self.settings
         extractor = self._fvd_context()
@@ -306,7 +307,8 @@ class Measurer:
         values = {"fvd": result.fvd_mean, "fvd_std": result.fvd_std, "kvd": result.kvd_mean,
                   "kvd_std": result.kvd_std, "text_alignment": align}
         extra = {"protocol": protocol.to_dict(), "extractor": extractor.name, "runs": result.to_dict(),
-                 "settings": asdict(s), "text_alignment_by_attribute": by_attribute}
+                 "settings": asdict(s), "text_alignment_by_attribute": by_attribute,
+                 "motion_alignment": motion_alignment(all_videos, all_prompts) if self.text is not None else {}}
         if math.isnan(align):
             values["text_alignment"] = -1.0  # unconditional: recorded as not applicable
         return values, extra

@@ -37,6 +37,7 @@ from harness.metrics.fvd import (
 )
 from harness.metrics.latency import LatencyResult, device_description, measure_latency
 from harness.metrics.latency_predictor import LatencyPredictor, calibration_report, subnet_features
+from harness.metrics.motion import motion_alignment, object_centroids
 
 __all__ = [
     "GenerationStage",
@@ -52,6 +53,8 @@ __all__ = [
     "generation_flops",
     "matmul_flops",
     "measure_latency",
+    "motion_alignment",
+    "object_centroids",
     "subnet_features",
     "DEFAULT_EXTRACTOR_DIR",
     "PROXY_NAME",
