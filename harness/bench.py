@@ -27,6 +27,7 @@ from harness.training.masked_optim import MaskedAdamW
 from search_spaces import build_supernet
 
 BASELINES = RESULTS / "baselines" / "bench.json"
+MOTION_FLOOR = {"largest": 0.75, "p40": 0.5}  # fraction of 16 videos; the shipped base scores 1.0 on both
 GROUPS = ("counts", "latency", "training", "quality")
 
 
@@ -108,7 +109,8 @@ def training(threads: int, n_configs: int = 6, batch: int = 4) -> dict:
 
 
 def quality() -> dict:
-    """Offline-extractor FVD of the shipped supernet's largest and 40% subnets at fixed seeds."""
+    """Offline-extractor FVD of the shipped supernet's largest and 40% subnets at fixed seeds, and how many
+    of those videos move the way their prompt says (``harness.metrics.motion``; a floor, chance is 0.25)."""
     from harness.measure import MeasureSettings, Measurer
     from harness.candidates import Candidate
     from harness.store import Store
@@ -122,8 +124,14 @@ def quality() -> dict:
         store = Store.open(f"sqlite:///{tmp}/bench.db")
         m = Measurer(base, None, text, MeasureSettings(fvd_videos=16, real_videos=128, steps=8, seed=0), store)
         for name, cfg in (("largest", base.space.largest()), ("p40", base.space.subnet_at_fraction(0.4))):
-            values = m.measure(Candidate(cfg), ["fvd", "kvd"])
+            cand = Candidate(cfg)
+            values = m.measure(cand, ["fvd", "kvd", "text_alignment"])
             out[f"quality/{name}/fvd16_proxy"] = (values["fvd"], "rel", 0.05)
+            row = store.find_measurement(m.candidate_id(cand), "text_alignment", m.quality_protocol(cand),
+                                         m.device_name)
+            extra = json.loads(row.extra) if isinstance(row.extra, str) else row.extra
+            out[f"quality/{name}/motion_alignment16"] = (extra["motion_alignment"]["fraction"], "min",
+                                                         MOTION_FLOOR[name])
         store.close()
     return out
 

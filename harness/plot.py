@@ -197,7 +197,8 @@ def plot_training_logs(logs: Sequence[str | Path], path: str | Path) -> Path:
         k = min(50, len(loss))
         ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color=line.get_color(),
                 label=f"{log.parent.name} (running mean of {k})")
-    ax.set(xlabel="step", ylabel="diffusion loss (epsilon MSE)", yscale="log", title="supernet training loss")
+    ax.set(xlabel="step", ylabel="training loss (MSE to the run's target: eps, v or teacher)", yscale="log",
+           title="supernet training loss")
     ax.legend(fontsize=8)
     _save(fig, path)
     return Path(path)

@@ -20,6 +20,25 @@ from torch import nn
 from .blocks import FULL, BlockSpec, DiffusionBlock, DynamicModule, ResSpec
 from .ops import DynamicConv, DynamicGroupNorm
 
+POSITION_BANDS = 2  # sin/cos of k*pi*x for k = 1..POSITION_BANDS, beside x and y themselves
+POSITION_FEATURES = 2 + 4 * POSITION_BANDS
+
+
+def position_features(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """Fixed features of the pixel-centre coordinates in ``[-1, 1]``: ``(1, POSITION_FEATURES, 1, H, W)``.
+
+    Normalised coordinates, so the same features (and the projection that reads them) serve every
+    resolution of a multi-resolution supernet.
+    """
+    y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * (2.0 / height) - 1.0
+    x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * (2.0 / width) - 1.0
+    y, x = y[:, None].expand(height, width), x[None, :].expand(height, width)
+    feats = [x, y]
+    for k in range(1, POSITION_BANDS + 1):
+        for c in (x, y):
+            feats += [torch.sin(k * torch.pi * c), torch.cos(k * torch.pi * c)]
+    return torch.stack(feats)[None, :, None].to(dtype)  # (1, F, 1, H, W)
+
 
 @dataclass(frozen=True)
 class UNetSpec:
@@ -47,6 +66,8 @@ class UNetSpec:
     up_widths: tuple[int, ...]
     frame_embedding: bool = False          # absolute frame index in the time embedding
     pooled_text: bool = False              # mean text token in the time embedding (Imagen)
+    position_embedding: bool = False       # projected pixel coordinates added after conv_in
+    position_modulation: bool = False      # ... scaled and shifted per frame by the time embedding
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,6 +116,16 @@ class VideoUNet(DynamicModule):
             self.null_text = nn.Parameter(torch.randn(1, s.context_len, s.context_dim) * 0.02)
         self.conv_in = DynamicConv(s.in_channels + s.cond_channels, s.conv_in, (1, 3, 3),
                                    padding_mode=s.padding_mode)
+        if s.position_embedding:  # zero at init, like the frame embedding
+            self.position_embed = DynamicConv(POSITION_FEATURES, s.conv_in, (1, 1, 1))
+            nn.init.zeros_(self.position_embed.weight)
+            nn.init.zeros_(self.position_embed.bias)
+        if s.position_modulation:  # zero at init: (1 + 0) * features + 0
+            if not s.position_embedding:
+                raise ValueError("position_modulation modulates the position embedding; set position_embedding")
+            self.position_film = nn.Linear(s.temb_dim, 2 * POSITION_FEATURES)
+            nn.init.zeros_(self.position_film.weight)
+            nn.init.zeros_(self.position_film.bias)
 
         def blocks(specs):
             return nn.ModuleList(
@@ -121,6 +152,10 @@ class VideoUNet(DynamicModule):
                                 "conv_out": ((spec.up_widths[0],), spec.out_channels)}
         if self.noise_embed is not None:
             p["noise_embed"] = FULL
+        if self.spec.position_embedding:
+            p["position_embed"] = ((POSITION_FEATURES,), spec.conv_in)
+        if self.spec.position_modulation:
+            p["position_film"] = FULL
         if self.spec.pooled_text:
             p["pooled_text"] = FULL
         for group, specs in (("down", spec.down), ("up", spec.up)):
@@ -154,8 +189,7 @@ class VideoUNet(DynamicModule):
         Why a frame embedding: temporal convolutions and relative-position attention are (up to the clip's
         edges) blind to *which* frame they are at, and the first denoising step of a zero-terminal-SNR
         schedule sees noise that is alike in every frame. Placing an object at ``x0 - v * t`` for a prompted
-        direction needs ``t``. (It is necessary, not sufficient: with it the tiny base still follows the
-        direction only weakly; see results/checkpoints/pixel-base-tiny/command.txt.)"""
+        direction needs ``t`` (and *where* a pixel is: see ``position_embedding`` in ``forward``)."""
         t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(-1)
         temb = self.time_embed(get_timestep_embedding(t, self.spec.model_channels, flip_sin_to_cos=True,
                                                       downscale_freq_shift=0).to(self.conv_in.weight.dtype))
@@ -173,6 +207,23 @@ class VideoUNet(DynamicModule):
                 raise ValueError(f"{frames} frames exceed the model's max_frames {self.spec.max_frames}")
             temb = temb[:, None, :] + self.frame_embed[:frames]
         return temb
+
+    def modulated_position(self, height: int, width: int, temb: torch.Tensor) -> torch.Tensor:
+        """The coordinate features ``(1, F, 1, H, W)``; with ``position_modulation``, scaled and shifted per
+        sample and frame by the time embedding ``(B, D)`` or ``(B, T, D)``: ``(B, F, T or 1, H, W)``.
+
+        Why: a "moving left" object sits right of centre early and left of it late, so where it is depends
+        on the product of position, frame and prompt. A shift of the x coordinate by an amount that depends
+        on (frame, prompt) hands every subnet that product directly; the narrow subnets of the tiny base did
+        not learn it from additive time-embedding biases (their x0 at t = 999 ignored the direction word
+        while the largest subnet's followed it)."""
+        feats = position_features(height, width, temb.device, temb.dtype)
+        if not self.spec.position_modulation:
+            return feats
+        film = self.position_film(F.silu(temb))  # (B, [T,] 2F)
+        film = film[:, None] if film.dim() == 2 else film
+        scale, shift = film.permute(0, 2, 1)[..., None, None].chunk(2, dim=1)  # (B, F, T', 1, 1) each
+        return feats * (1 + scale) + shift
 
     def text_context(self, encoder_hidden_states: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         if not self.spec.context_dim:
@@ -200,6 +251,12 @@ class VideoUNet(DynamicModule):
                                mode="bilinear", align_corners=False)  # (B*T, 3, H, W)
             x = torch.cat([x, up.reshape(b, t, -1, h, w).transpose(1, 2)], dim=1)
         x = self.conv_in(x, p["conv_in"])
+        if spec.position_embedding:
+            # Why: convolutions are translation-equivariant and the spatial attention has no position, so
+            # from the pure noise of the first zero-terminal-SNR step the network could place an object
+            # where "moving left" puts it at frame t only through the zero padding; without this the tiny
+            # base ignored the direction word. (B, C, T, H, W) + (1, C, 1, H, W).
+            x = x + self.position_embed(self.modulated_position(h, w, temb), p["position_embed"])
         skips = [x]
         for level, level_specs in enumerate(spec.down):
             for i, block_spec in enumerate(level_specs):

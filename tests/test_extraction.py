@@ -94,19 +94,22 @@ def test_paper_preset_sizes_on_meta(family, target, tol):
     assert net.space.total_params == n
 
 
-@pytest.mark.parametrize("part", ["frame_embed", "pooled_text"])
-def test_zero_frame_embedding_and_pooled_text_are_the_network_without_them(tiny_nets, part):
-    """The tiny base's frame embedding and pooled-text projection start at zero, so a supernet saved without
-    them (older checkpoints, ``--init``) computes exactly the same function after gaining them; trained,
-    they change it."""
+@pytest.mark.parametrize("part", ["frame_embed", "pooled_text", "position_embed", "position_film"])
+def test_zero_initialised_additions_are_the_network_without_them(tiny_nets, part):
+    """The tiny base's frame embedding, pooled-text projection, position embedding and its modulation start
+    at zero, so a supernet saved without them (older checkpoints, ``--init``) computes exactly the same function after
+    gaining them; trained, each changes it."""
     import dataclasses
 
     net = tiny_nets["pixel-base"]
-    assert net.hyper.frame_embedding and net.hyper.pooled_text
-    plain = build_supernet("pixel-base", "tiny",
-                           hyper=dataclasses.replace(net.hyper, frame_embedding=False, pooled_text=False))
+    h = net.hyper
+    assert h.frame_embedding and h.pooled_text and h.position_embedding and h.position_modulation
+    plain = build_supernet("pixel-base", "tiny", hyper=dataclasses.replace(
+        h, frame_embedding=False, pooled_text=False, position_embedding=False, position_modulation=False))
     missing, unexpected = plain.load_state_dict(net.state_dict(), strict=False)
-    assert not missing and sorted(unexpected) == ["frame_embed", "pooled_text.bias", "pooled_text.weight"]
+    assert not missing and sorted(unexpected) == ["frame_embed", "pooled_text.bias", "pooled_text.weight",
+                                                  "position_embed.bias", "position_embed.weight",
+                                                  "position_film.bias", "position_film.weight"]
     cfg = net.space.sample(2)
     inputs = net.dummy_inputs(cfg, batch_size=2, frames=12, seed=0)
     saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -115,10 +118,16 @@ def test_zero_frame_embedding_and_pooled_text_are_the_network_without_them(tiny_
             net.state_dict()[k].zero_()
         # Equal up to float rounding: the time projection runs per frame, a differently shaped matmul.
         torch.testing.assert_close(net(**inputs, subnet=cfg), plain(**inputs, subnet=cfg), atol=1e-6, rtol=0)
+        # The modulation acts through the position embedding, so it is measured with that embedding in place.
+        needs = ("position_embed", "position_film") if part == "position_film" else (part,)
         for k in unexpected:
-            if k.startswith(part):
+            if k.startswith(needs):
                 net.state_dict()[k].copy_(saved[k])
-        assert (net(**inputs, subnet=cfg) - plain(**inputs, subnet=cfg)).abs().max() > 1e-3
+        with_part = net(**inputs, subnet=cfg)
+        if part == "position_film":
+            net.position_film.weight.zero_()
+            net.position_film.bias.zero_()
+        assert (with_part - (net if part == "position_film" else plain)(**inputs, subnet=cfg)).abs().max() > 1e-3
         net.load_state_dict(saved)
         with pytest.raises(ValueError, match="frames exceed the model's max_frames"):
             net(**net.dummy_inputs(cfg, batch_size=1, frames=net.hyper.max_frames + 1), subnet=cfg)

@@ -160,19 +160,23 @@ def test_offset_noise_shifts_each_channel_by_a_constant(tmp_path):
 
 
 def test_init_from_a_supernet_saved_without_the_zero_initialised_parts(tmp_path):
-    """--init accepts a supernet saved before the tiny base gained its frame embedding and pooled text
-    (they start at zero) and refuses one of another architecture with a one-line error."""
+    """--init accepts a supernet saved before the tiny base gained its frame embedding, pooled text and
+    modulated position embedding (they start at zero) and refuses one of another architecture with a one-line error."""
     from search_spaces import build_supernet
 
     old = build_supernet("pixel-base", "tiny")
-    old_hyper = dataclasses.replace(old.hyper, frame_embedding=False, pooled_text=False)
+    old_hyper = dataclasses.replace(old.hyper, frame_embedding=False, pooled_text=False, position_embedding=False,
+                                    position_modulation=False)
     old = randomize_(build_supernet("pixel-base", "tiny", hyper=old_hyper))  # gradients reach it
     old.save_pretrained(tmp_path / "old")
     trainer = Trainer(_opts(tmp_path, init=str(tmp_path / "old")))
-    assert trainer.net.frame_embed.count_nonzero() == 0 and trainer.net.pooled_text.weight.count_nonzero() == 0
+    added = (trainer.net.frame_embed, trainer.net.pooled_text.weight, trainer.net.position_embed.weight,
+             trainer.net.position_film.weight)
+    assert all(p.count_nonzero() == 0 for p in added)
     assert torch.equal(trainer.net.state_dict()["conv_in.weight"], old.state_dict()["conv_in.weight"])
     trainer.train_step()
-    assert trainer.net.frame_embed.count_nonzero() and trainer.net.pooled_text.weight.count_nonzero()  # trained
+    trainer.train_step()  # the modulation's gradient flows through the position embedding, zero at step 1
+    assert all(p.count_nonzero() for p in added)  # trained
     other = build_supernet("pixel-base", "tiny", hyper=dataclasses.replace(old_hyper, model_channels=16))
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="does not match this pixel-base/tiny supernet .*size mismatch"):

@@ -47,7 +47,7 @@ Inputs = dict[str, Any] | tuple[Any, ...]
 
 ELEMENTWISE_OPS = (
     "aten::add", "aten::add_", "aten::sub", "aten::sub_", "aten::rsub", "aten::mul", "aten::mul_",
-    "aten::div", "aten::div_", "aten::neg", "aten::exp", "aten::sin", "aten::cos", "aten::sqrt",
+    "aten::div", "aten::div_", "aten::reciprocal", "aten::neg", "aten::exp", "aten::sin", "aten::cos", "aten::sqrt",
     "aten::rsqrt", "aten::pow", "aten::silu", "aten::silu_", "aten::gelu", "aten::sigmoid", "aten::tanh",
     "aten::softmax",
 )
