@@ -213,10 +213,11 @@ class VideoUNet(DynamicModule):
         sample and frame by the time embedding ``(B, D)`` or ``(B, T, D)``: ``(B, F, T or 1, H, W)``.
 
         Why: a "moving left" object sits right of centre early and left of it late, so where it is depends
-        on the product of position, frame and prompt. A shift of the x coordinate by an amount that depends
-        on (frame, prompt) hands every subnet that product directly; the narrow subnets of the tiny base did
-        not learn it from additive time-embedding biases (their x0 at t = 999 ignored the direction word
-        while the largest subnet's followed it)."""
+        on the product of position, frame and prompt; a shift of the x coordinate by an amount that depends
+        on (frame, prompt) offers every subnet that product directly. It was added when the narrow subnets
+        of the tiny base lagged the largest at following the direction; whether it or the training beside
+        it brought the 40% subnet along was not separated, and the space's smallest still ignores the
+        direction (results/checkpoints/pixel-base-tiny/command.txt)."""
         feats = position_features(height, width, temb.device, temb.dtype)
         if not self.spec.position_modulation:
             return feats
@@ -255,7 +256,7 @@ class VideoUNet(DynamicModule):
             # Why: convolutions are translation-equivariant and the spatial attention has no position, so
             # from the pure noise of the first zero-terminal-SNR step the network could place an object
             # where "moving left" puts it at frame t only through the zero padding; without this the tiny
-            # base ignored the direction word. (B, C, T, H, W) + (1, C, 1, H, W).
+            # base ignored the direction word. (B, C, T, H, W) + (1 or B, C, 1 or T, H, W).
             x = x + self.position_embed(self.modulated_position(h, w, temb), p["position_embed"])
         skips = [x]
         for level, level_specs in enumerate(spec.down):
