@@ -49,7 +49,8 @@ _RGB: dict[str, tuple[float, float, float]] = {
     "yellow": (0.95, 0.85, 0.15),
 }
 _RADIUS: dict[str, float] = {"small": 0.45, "large": 0.6}  # half-extent in image units (frame = [-1, 1])
-_STEP: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+# Unit step (x, y) of each direction; y points down the image.
+DIRECTION_STEPS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 _COMBOS: list[tuple[int, ...]] = list(itertools.product(*(range(len(v)) for v in ATTRIBUTES.values())))
 
 
@@ -133,7 +134,7 @@ def _sample_params(seed: int, split_id: int, index: int) -> _VideoParams:
     radius = _RADIUS[named["size"]]
     low, high = -1.0 + 0.7 * radius, 1.0 - 0.7 * radius
     travel = float(rng.uniform(0.55, 0.95)) * (high - low)
-    step_x, step_y = _STEP[named["direction"]]
+    step_x, step_y = DIRECTION_STEPS[named["direction"]]
     along = float(rng.uniform(low, high - travel))  # start coordinate when moving in the + direction
     across = float(rng.uniform(low, high))
     if step_x + step_y < 0:

@@ -19,10 +19,9 @@ from collections.abc import Sequence
 import torch
 
 from harness.data import DataError, labels_for
-from harness.data.synthetic import ATTRIBUTES
+from harness.data.synthetic import ATTRIBUTES, DIRECTION_STEPS
 
 FOREGROUND_LEVEL = 0.35  # max-RGB level in [0, 1] above which a pixel counts as the object
-_UNIT_STEP = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 
 
 def object_centroids(videos: torch.Tensor) -> torch.Tensor:
@@ -53,12 +52,12 @@ def motion_alignment(videos: torch.Tensor, prompts: Sequence[str]) -> dict[str, 
             direction = ATTRIBUTES["direction"][labels_for(prompt)["direction"]]
         except DataError:
             continue
-        steps.append((index, _UNIT_STEP[direction]))
+        steps.append((index, DIRECTION_STEPS[direction]))
     if not steps:
         return {}
     centroids = object_centroids(videos[[i for i, _ in steps]])
     moved = torch.nan_to_num(centroids[:, -1] - centroids[:, 0], nan=0.0)  # (N, 2); no object: no motion
-    unit = torch.tensor([s for _, s in steps])
+    unit = torch.tensor([s for _, s in steps], dtype=torch.float32)
     along = (moved * unit).sum(dim=-1)
     across = (moved * unit.flip(-1)).sum(dim=-1).abs()
     hits = (along > 0) & (along > across)
