@@ -46,6 +46,7 @@ class UNetHyper:
     pooled_text: bool = False      # the mean text token, projected, added to the time embedding (Imagen)
     position_embedding: bool = False  # projected pixel coordinates added after conv_in (see VideoUNet)
     position_modulation: bool = False  # ... modulated per frame by the time embedding (see VideoUNet)
+    position_velocity: bool = False  # ... and of coordinates moving at a prompted velocity (see VideoUNet)
     scale_shift: bool = False
     padding_mode: str = "zeros"
     resolutions: tuple[int, ...] = (16,)
@@ -171,6 +172,7 @@ class UNetPlan:
             scale_shift=h.scale_shift, padding_mode=h.padding_mode, conv_in=widths["down0.width"],
             frame_embedding=h.frame_embedding, pooled_text=h.pooled_text,
             position_embedding=h.position_embedding, position_modulation=h.position_modulation,
+            position_velocity=h.position_velocity,
             down=tuple(tuple(specs[f"down{l}.{i}"] for i in range(h.num_res_blocks)) for l in range(levels)),
             down_widths=tuple(widths[f"down{l}.width"] for l in range(levels)),
             mid=tuple(specs[f"mid.{i}"] for i in range(h.mid_blocks)),

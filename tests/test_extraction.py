@@ -94,40 +94,48 @@ def test_paper_preset_sizes_on_meta(family, target, tol):
     assert net.space.total_params == n
 
 
-@pytest.mark.parametrize("part", ["frame_embed", "pooled_text", "position_embed", "position_film"])
+@pytest.mark.parametrize("part", ["frame_embed", "pooled_text", "position_embed", "position_film",
+                                  "moving_position_embed", "velocity"])
 def test_zero_initialised_additions_are_the_network_without_them(tiny_nets, part):
-    """The tiny base's frame embedding, pooled-text projection, position embedding and its modulation start
-    at zero, so a supernet saved without them (older checkpoints, ``--init``) computes exactly the same function after
-    gaining them; trained, each changes it."""
+    """The tiny base's frame embedding, pooled-text projection, position embedding, its modulation and the
+    moving-coordinate embedding with its velocity start at zero, so a supernet saved without them (older
+    checkpoints, ``--init``) computes exactly the same function after gaining them; trained, each changes
+    it."""
     import dataclasses
 
     net = tiny_nets["pixel-base"]
     h = net.hyper
     assert h.frame_embedding and h.pooled_text and h.position_embedding and h.position_modulation
+    assert h.position_velocity
     plain = build_supernet("pixel-base", "tiny", hyper=dataclasses.replace(
-        h, frame_embedding=False, pooled_text=False, position_embedding=False, position_modulation=False))
+        h, frame_embedding=False, pooled_text=False, position_embedding=False, position_modulation=False,
+        position_velocity=False))
     missing, unexpected = plain.load_state_dict(net.state_dict(), strict=False)
-    assert not missing and sorted(unexpected) == ["frame_embed", "pooled_text.bias", "pooled_text.weight",
-                                                  "position_embed.bias", "position_embed.weight",
-                                                  "position_film.bias", "position_film.weight"]
+    assert not missing and sorted(unexpected) == ["frame_embed", "moving_position_embed.bias",
+                                                  "moving_position_embed.weight", "pooled_text.bias",
+                                                  "pooled_text.weight", "position_embed.bias",
+                                                  "position_embed.weight", "position_film.bias",
+                                                  "position_film.weight", "velocity.bias", "velocity.weight"]
     cfg = net.space.sample(2)
     inputs = net.dummy_inputs(cfg, batch_size=2, frames=12, seed=0)
     saved = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    # A modulation acts through the embedding it modulates, so it is measured with that embedding in place.
+    needs = {"position_film": ("position_embed", "position_film"),
+             "velocity": ("moving_position_embed", "velocity")}.get(part, (part,))
     with torch.no_grad():
         for k in unexpected:
             net.state_dict()[k].zero_()
         # Equal up to float rounding: the time projection runs per frame, a differently shaped matmul.
         torch.testing.assert_close(net(**inputs, subnet=cfg), plain(**inputs, subnet=cfg), atol=1e-6, rtol=0)
-        # The modulation acts through the position embedding, so it is measured with that embedding in place.
-        needs = ("position_embed", "position_film") if part == "position_film" else (part,)
         for k in unexpected:
             if k.startswith(needs):
                 net.state_dict()[k].copy_(saved[k])
         with_part = net(**inputs, subnet=cfg)
-        if part == "position_film":
-            net.position_film.weight.zero_()
-            net.position_film.bias.zero_()
-        assert (with_part - (net if part == "position_film" else plain)(**inputs, subnet=cfg)).abs().max() > 1e-3
+        if len(needs) > 1:
+            for k in unexpected:
+                if k.startswith(part + "."):
+                    net.state_dict()[k].zero_()
+        assert (with_part - (net if len(needs) > 1 else plain)(**inputs, subnet=cfg)).abs().max() > 1e-3
         net.load_state_dict(saved)
         with pytest.raises(ValueError, match="frames exceed the model's max_frames"):
             net(**net.dummy_inputs(cfg, batch_size=1, frames=net.hyper.max_frames + 1), subnet=cfg)

@@ -161,21 +161,23 @@ def test_offset_noise_shifts_each_channel_by_a_constant(tmp_path):
 
 def test_init_from_a_supernet_saved_without_the_zero_initialised_parts(tmp_path):
     """--init accepts a supernet saved before the tiny base gained its frame embedding, pooled text and
-    modulated position embedding (they start at zero) and refuses one of another architecture with a one-line error."""
+    modulated and moving position embeddings (they start at zero) and refuses one of another architecture
+    with a one-line error."""
     from search_spaces import build_supernet
 
     old = build_supernet("pixel-base", "tiny")
     old_hyper = dataclasses.replace(old.hyper, frame_embedding=False, pooled_text=False, position_embedding=False,
-                                    position_modulation=False)
+                                    position_modulation=False, position_velocity=False)
     old = randomize_(build_supernet("pixel-base", "tiny", hyper=old_hyper))  # gradients reach it
     old.save_pretrained(tmp_path / "old")
     trainer = Trainer(_opts(tmp_path, init=str(tmp_path / "old")))
     added = (trainer.net.frame_embed, trainer.net.pooled_text.weight, trainer.net.position_embed.weight,
-             trainer.net.position_film.weight)
+             trainer.net.position_film.weight, trainer.net.moving_position_embed.weight,
+             trainer.net.velocity.weight)
     assert all(p.count_nonzero() == 0 for p in added)
     assert torch.equal(trainer.net.state_dict()["conv_in.weight"], old.state_dict()["conv_in.weight"])
     trainer.train_step()
-    trainer.train_step()  # the modulation's gradient flows through the position embedding, zero at step 1
+    trainer.train_step()  # the modulation's and velocity's gradients flow through the embeddings they feed
     assert all(p.count_nonzero() for p in added)  # trained
     other = build_supernet("pixel-base", "tiny", hyper=dataclasses.replace(old_hyper, model_channels=16))
     other.save_pretrained(tmp_path / "other")
