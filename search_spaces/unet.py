@@ -17,7 +17,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .blocks import FULL, BlockSpec, DiffusionBlock, DynamicModule, ResSpec
+from .blocks import FULL, BlockSpec, DiffusionBlock, DynamicModule, ResSpec, zero_
 from .ops import DynamicConv, DynamicGroupNorm
 
 POSITION_BANDS = 2  # sin/cos of k*pi*x for k = 1..POSITION_BANDS, beside x and y themselves
@@ -118,23 +118,17 @@ class VideoUNet(DynamicModule):
         if s.pooled_text:  # zero at init, like the frame embedding
             if not s.context_dim:
                 raise ValueError("pooled_text needs a text-conditioned model (context_dim > 0)")
-            self.pooled_text = nn.Linear(s.context_dim, s.temb_dim)
-            nn.init.zeros_(self.pooled_text.weight)
-            nn.init.zeros_(self.pooled_text.bias)
+            self.pooled_text = zero_(nn.Linear(s.context_dim, s.temb_dim))
         if s.context_dim:
             self.null_text = nn.Parameter(torch.randn(1, s.context_len, s.context_dim) * 0.02)
         self.conv_in = DynamicConv(s.in_channels + s.cond_channels, s.conv_in, (1, 3, 3),
                                    padding_mode=s.padding_mode)
         if s.position_embedding:  # zero at init, like the frame embedding
-            self.position_embed = DynamicConv(POSITION_FEATURES, s.conv_in, (1, 1, 1))
-            nn.init.zeros_(self.position_embed.weight)
-            nn.init.zeros_(self.position_embed.bias)
+            self.position_embed = zero_(DynamicConv(POSITION_FEATURES, s.conv_in, (1, 1, 1)))
         if s.position_modulation:  # zero at init: (1 + 0) * features + 0
             if not s.position_embedding:
                 raise ValueError("position_modulation modulates the position embedding; set position_embedding")
-            self.position_film = nn.Linear(s.temb_dim, 2 * POSITION_FEATURES)
-            nn.init.zeros_(self.position_film.weight)
-            nn.init.zeros_(self.position_film.bias)
+            self.position_film = zero_(nn.Linear(s.temb_dim, 2 * POSITION_FEATURES))
 
         def blocks(specs):
             return nn.ModuleList(
@@ -155,10 +149,8 @@ class VideoUNet(DynamicModule):
         if s.position_velocity:  # zero at init, like the frame embedding; built last (others' init stays)
             if not (s.position_embedding and s.context_dim):
                 raise ValueError("position_velocity needs position_embedding and a text-conditioned model")
-            self.velocity = nn.Linear(s.context_dim, 2)
-            self.moving_position_embed = DynamicConv(POSITION_FEATURES, s.conv_in, (1, 1, 1))
-            for param in (*self.velocity.parameters(), *self.moving_position_embed.parameters()):
-                nn.init.zeros_(param)
+            self.velocity = zero_(nn.Linear(s.context_dim, 2))
+            self.moving_position_embed = zero_(DynamicConv(POSITION_FEATURES, s.conv_in, (1, 1, 1)))
 
     # -- sizes ---------------------------------------------------------------------------------------
     def plan(self, spec: UNetSpec) -> dict[str, object]:
