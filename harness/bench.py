@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.checkpoints import DEFAULT_BASE, RESULTS, load_model
+from harness.models import load_bundle
+from harness.paths import DEFAULT_BASE, RESULTS
 from harness.cli import run_cli
 from harness.metrics.flops import denoiser_flops
 from harness.metrics.latency import device_description, measure_latency
@@ -110,25 +111,21 @@ def training(threads: int, n_configs: int = 6, batch: int = 4) -> dict:
 
 def quality() -> dict:
     """Offline-extractor FVD of the shipped supernet's largest and 40% subnets at fixed seeds, and how many
-    of those videos move the way their prompt says (``harness.metrics.motion``; a floor, chance is 0.25)."""
-    from harness.measure import MeasureSettings, Measurer
+    of those videos move the way their prompt says (the synthetic data's motion check; a floor, chance is
+    0.25): the quality metric of a search, computed without a store."""
     from harness.candidates import Candidate
-    from harness.store import Store
-    from harness.text_encoder import load_text_encoder
-    import tempfile
+    from harness.measurement import FrechetQuality, Generation, MeasureSettings
 
-    base = load_model(DEFAULT_BASE)
-    text = load_text_encoder("minilm", max_length=base.spec.context_len)
+    base = load_bundle(DEFAULT_BASE)
+    settings = MeasureSettings(fvd_videos=16, real_videos=128, steps=8, seed=0, checks=("motion_alignment",))
+    metric = FrechetQuality(Generation(base, None, settings.steps, settings.guidance), base.text_encoder.load(),
+                            settings)
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Store.open(f"sqlite:///{tmp}/bench.db")
-        m = Measurer(base, None, text, MeasureSettings(fvd_videos=16, real_videos=128, steps=8, seed=0), store)
-        for name, cfg in (("largest", base.space.largest()), ("p40", base.space.subnet_at_fraction(0.4))):
-            values, extra = m.compute_quality(Candidate(cfg))  # FVD and motion from the same videos
-            out[f"quality/{name}/fvd16_proxy"] = (values["fvd"], "rel", 0.05)
-            out[f"quality/{name}/motion_alignment16"] = (extra["motion_alignment"]["fraction"], "min",
-                                                         MOTION_FLOOR[name])
-        store.close()
+    for name, cfg in (("largest", base.supernet.space.largest()), ("p40", base.supernet.space.subnet_at_fraction(0.4))):
+        values, extra = metric.compute(Candidate(cfg))  # FVD and motion from the same videos
+        out[f"quality/{name}/fvd16_proxy"] = (values["fvd"], "rel", 0.05)
+        out[f"quality/{name}/motion_alignment16"] = (extra["checks"]["motion_alignment"]["fraction"], "min",
+                                                     MOTION_FLOOR[name])
     return out
 
 

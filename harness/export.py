@@ -16,10 +16,9 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.candidates import Candidate
-from harness.checkpoints import load_model, training_provenance
 from harness.cli import run_cli
 from harness.latent import FOLDER as LATENT_FOLDER
-from harness.latent import find_codec
+from harness.models import load_bundle
 from harness.store import optuna_storage, validate_storage_url
 from search_spaces import save_static
 
@@ -47,18 +46,16 @@ def main(argv=None) -> None:
     if trial is None or trial.state != TrialState.COMPLETE or "candidate" not in trial.user_attrs:
         raise ValueError(f"trial {args.trial} of '{args.study}' is not a completed, measured trial")
     cand = Candidate.from_json(trial.user_attrs["candidate"])
-    base = load_model(args.checkpoint or study.user_attrs["checkpoint"])
+    base = load_bundle(args.checkpoint or study.user_attrs["checkpoint"])
     out = Path(args.out)
-    static = base.extract(cand.base)
-    save_static(static, out / "base", extra=training_provenance(base))
+    save_static(base.supernet.extract(cand.base), out / "base", extra=base.provenance())
     written = [out / "base"]
-    codec = find_codec(base)
-    if codec is not None:  # a latent subnet runs with its autoencoder: found beside it by harness.sample
-        codec.save(out / LATENT_FOLDER)
+    if base.codec is not None:  # a latent subnet runs with its autoencoder: found beside it by harness.sample
+        base.codec.save(out / LATENT_FOLDER)
         written.append(out / LATENT_FOLDER)
     if cand.ssr is not None:
-        ssr = load_model(args.ssr_checkpoint or study.user_attrs["ssr_checkpoint"])
-        save_static(ssr.extract(cand.ssr), out / "ssr", extra=training_provenance(ssr))
+        ssr = load_bundle(args.ssr_checkpoint or study.user_attrs["ssr_checkpoint"])
+        save_static(ssr.supernet.extract(cand.ssr), out / "ssr", extra=ssr.provenance())
         written.append(out / "ssr")
     (out / "candidate.json").write_text(json.dumps(
         {"candidate": cand.to_dict(), "study": args.study, "trial": args.trial, "values": trial.values,

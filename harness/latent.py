@@ -103,16 +103,3 @@ def is_latent(model: torch.nn.Module) -> bool:
     """Whether ``model`` (supernet or static subnet) denoises autoencoder latents rather than RGB pixels."""
     spec = getattr(model, "spec", None)
     return spec is not None and spec.in_channels != 3
-
-
-def find_codec(model: torch.nn.Module) -> LatentCodec | None:
-    """The codec stored beside a loaded latent model (``None`` for pixel models)."""
-    if not is_latent(model):
-        return None
-    directory = getattr(model, "checkpoint_dir", None)
-    candidates = [Path(directory) / FOLDER, Path(directory).parent / FOLDER] if directory else []
-    for c in candidates:
-        if (c / LATENT_FILE).is_file():
-            return LatentCodec.load(c)
-    raise FileNotFoundError(f"latent model {directory} has no '{FOLDER}/' folder beside it; it is written by "
-                            f"python -m harness.train --autoencoder DIR")

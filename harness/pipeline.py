@@ -12,40 +12,49 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from harness.checkpoints import noise_schedule_of
 from harness.diffusion import bind_subnet, ddim_sample, noise_augment, null_context
 from harness.latent import LatentCodec
+from harness.models import ModelBundle, in_memory
 from search_spaces import SubnetConfig, Supernet
 
 
 @dataclass
 class Chain:
     """The models of one pipeline. ``base_subnet``/``ssr_subnets`` pick subnets of supernets (None: the
-    largest / a static model); ``ssr_subnets`` maps each output resolution to the SSR subnet run there."""
+    largest / a static model); ``ssr_subnets`` maps each output resolution to the SSR subnet run there.
 
-    base: torch.nn.Module
-    ssr: torch.nn.Module | None = None
+    ``base`` and ``ssr`` are ``ModelBundle``s (a bare network is wrapped by ``harness.models.in_memory``:
+    the paper's noise schedule, no codec); ``text_encoder`` is the loaded encoder (``None`` when
+    unconditional). A latent base model's codec decodes its samples to pixels."""
+
+    base: ModelBundle
+    ssr: ModelBundle | None = None
     text_encoder: object | None = None
     base_subnet: SubnetConfig | None = None
     ssr_subnets: dict[int, SubnetConfig] = field(default_factory=dict)
-    codec: LatentCodec | None = None  # latent families: decodes the base model's latents to pixels
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, ModelBundle):
+            self.base = in_memory(self.base)
+        if self.ssr is not None and not isinstance(self.ssr, ModelBundle):
+            self.ssr = in_memory(self.ssr)
+
+    @property
+    def codec(self) -> LatentCodec | None:
+        return self.base.codec
 
     @property
     def channels(self) -> int:
         """Channels the base model denoises (3 for pixels, the latent channels otherwise)."""
-        return self.base.spec.in_channels
+        return self.base.channels
 
     @property
     def base_resolution(self) -> int:
-        if self.base_subnet is not None:
-            return self.base_subnet.resolution
-        if isinstance(self.base, Supernet):
-            return self.base.space.default_resolution
-        return self.base.subnet_config.resolution
+        return self.base_subnet.resolution if self.base_subnet is not None else self.base.default_resolution
 
     @property
     def frames(self) -> int:
-        return self.base.hyper.frames if isinstance(self.base, Supernet) else getattr(self.base, "frames", 12)
+        return self.base.frames
 
     def stages(self, resolution: int) -> list[int]:
         """Output resolution of every stage: ``[base, 2*base, ...]`` up to ``resolution``."""
@@ -62,19 +71,21 @@ class Chain:
         return out
 
     def ssr_subnet(self, resolution: int) -> SubnetConfig | None:
-        if not isinstance(self.ssr, Supernet):
+        ssr = self.ssr.network if self.ssr is not None else None
+        if not isinstance(ssr, Supernet):
             return None
         if resolution in self.ssr_subnets:
             return self.ssr_subnets[resolution]
-        largest = self.ssr.space.largest(resolution)
-        return largest if self.ssr.space.fits(largest) else self.ssr.space.subnet_at_fraction(
-            self.ssr.space.size_caps[resolution], resolution)
+        largest = ssr.space.largest(resolution)
+        return largest if ssr.space.fits(largest) else ssr.space.subnet_at_fraction(
+            ssr.space.size_caps[resolution], resolution)
 
 
 def _base_denoiser(chain: Chain):
-    if isinstance(chain.base, Supernet):
-        return bind_subnet(chain.base, chain.base_subnet or chain.base.space.largest())
-    return chain.base
+    net = chain.base.network
+    if isinstance(net, Supernet):
+        return bind_subnet(net, chain.base_subnet or net.space.largest())
+    return net
 
 
 @torch.no_grad()
@@ -93,16 +104,17 @@ def generate(chain: Chain, prompts: list[str], resolution: int | None = None, st
     bar = (lambda it: tqdm(it, leave=False, desc="denoise")) if progress else None
 
     video = ddim_sample(_base_denoiser(chain), (b, chain.channels, frames, stages[0], stages[0]), context,
-                        null_context(chain.base, b), steps=steps, guidance=guidance, generator=g, progress=bar,
-                        clip=chain.codec is None, schedule=noise_schedule_of(chain.base))
+                        null_context(chain.base.network, b), steps=steps, guidance=guidance, generator=g,
+                        progress=bar, clip=chain.codec is None, schedule=chain.base.schedule)
     if chain.codec is not None:
         return chain.codec.decode(video)
     for r in stages[1:]:
         level = torch.full((b,), aug_level)
         low = noise_augment(video, level, generator=g)
         sub = chain.ssr_subnet(r)
-        denoiser = bind_subnet(chain.ssr, sub) if sub is not None else chain.ssr
-        video = ddim_sample(denoiser, (b, 3, frames, r, r), context, null_context(chain.ssr, b),
+        ssr = chain.ssr.network
+        denoiser = bind_subnet(ssr, sub) if sub is not None else ssr
+        video = ddim_sample(denoiser, (b, 3, frames, r, r), context, null_context(ssr, b),
                             steps=ssr_steps or steps, guidance=guidance, generator=g, progress=bar,
-                            schedule=noise_schedule_of(chain.ssr), low_res=low, noise_level=level)
+                            schedule=chain.ssr.schedule, low_res=low, noise_level=level)
     return video

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,9 +34,12 @@ DPI = 120
 
 def _save(figure: Figure, path: str | Path | None) -> Figure:
     """Save ``figure`` as ``path`` (parents created) when given; return it."""
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    if path is not None:  # written beside, then renamed: a reader never sees half a PNG
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        figure.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+        os.replace(tmp, path)
     return figure
 
 

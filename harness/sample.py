@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 
-from harness.checkpoints import DEFAULT_BASE, DEFAULT_SSR, load_model, text_encoder_name
 from harness.cli import run_cli
-from harness.latent import find_codec
+from harness.models import load_bundle
+from harness.paths import DEFAULT_BASE, DEFAULT_SSR
 from harness.pipeline import Chain, generate
-from harness.text_encoder import load_text_encoder
 from harness.video_io import save_frame_grid, save_gif
 from search_spaces import SubnetConfig, Supernet
 
@@ -48,22 +47,21 @@ def _read_config(path: str, model) -> SubnetConfig:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    base = load_model(args.checkpoint)
-    if not args.prompt and base.spec.context_dim:
+    base = load_bundle(args.checkpoint)
+    if not args.prompt and base.text_encoder is not None:
         raise ValueError("this model is text-conditioned: pass --prompt \"...\"")
     prompts = args.prompt or [""] * args.num_videos
     resolution = args.resolution
-    base_res = (base.space.default_resolution if isinstance(base, Supernet) else base.subnet_config.resolution)
-    ssr = load_model(args.ssr_checkpoint) if resolution and resolution > base_res else None
-    text = load_text_encoder(text_encoder_name(base)) if base.spec.context_dim else None  # latent: unconditional
-    chain = Chain(base, ssr, text, codec=find_codec(base))
+    ssr = load_bundle(args.ssr_checkpoint) if resolution and resolution > base.default_resolution else None
+    text = base.text_encoder.load() if base.text_encoder else None  # latent: unconditional
+    chain = Chain(base, ssr, text)
     if args.subnet:
-        if not isinstance(base, Supernet):
+        if not base.is_supernet:
             raise ValueError("--subnet applies to a supernet checkpoint; this checkpoint is already a subnet")
-        chain.base_subnet = _read_config(args.subnet, base)
+        chain.base_subnet = _read_config(args.subnet, base.network)
     if args.ssr_subnet and ssr is not None:
-        cfg = _read_config(args.ssr_subnet, ssr)
-        chain.ssr_subnets = {r: ssr.space.validate(cfg.replace(resolution=r))
+        cfg = _read_config(args.ssr_subnet, ssr.network)
+        chain.ssr_subnets = {r: ssr.supernet.space.validate(cfg.replace(resolution=r))
                              for r in chain.stages(resolution)[1:]}
     torch.set_grad_enabled(False)
     video = generate(chain, prompts, resolution, steps=args.steps, guidance=args.guidance, seed=args.seed,

@@ -44,11 +44,23 @@ __all__ = [
     "VideoFolderDataset",
     "all_captions",
     "build_dataset",
+    "dataset_checks",
     "caption_for",
     "labels_for",
     "read_captions",
     "resize_video",
 ]
+
+def dataset_checks(spec: str | os.PathLike) -> dict:
+    """Checks a dataset provides for generated videos: ``{name: check(videos (N, 3, T, R, R), prompts) ->
+    dict}``. Only the built-in synthetic data has one: motion alignment, which reads how its captions
+    describe motion (``harness.metrics.motion``). Folders of real videos provide none."""
+    if str(spec) != "synthetic":
+        return {}
+    from harness.metrics.motion import motion_alignment  # imports this package: not at module level
+
+    return {"motion_alignment": motion_alignment}
+
 
 SYNTHETIC_SIZES: dict[str, int] = {"train": 1024, "heldout": 256}  # default number of synthetic videos
 

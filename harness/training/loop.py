@@ -189,9 +189,10 @@ class Trainer:
 
     def _load_init(self, path: str) -> str:
         """Start from a saved supernet's weights (e.g. a shipped one, to train it longer); returns its hash."""
-        from harness.checkpoints import checkpoint_hash, load_model
+        from harness.models import load_bundle
 
-        model = load_model(path)
+        bundle = load_bundle(path)
+        model = bundle.network
         if not isinstance(model, Supernet) or (model.family, model.preset) != (self.opts.family, self.opts.preset):
             raise ValueError(f"--init {path} is not a {self.opts.family}/{self.opts.preset} supernet; pass one "
                              f"saved by this family and preset")
@@ -207,7 +208,7 @@ class Trainer:
         if unexpected or any(own[k].count_nonzero() for k in missing):
             raise ValueError(f"{mismatch} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
                              f"pass one of this preset")
-        return checkpoint_hash(model.checkpoint_dir)
+        return bundle.checkpoint_hash
 
     def _union_masks(self, subnets) -> dict:
         """Active entries of this step: the subnet's regions (boxes where it can), or for the sandwich

@@ -1,0 +1,96 @@
+"""What one generated video runs through: the denoiser stages of a candidate and the once-per-video work.
+
+Cost metrics (FLOPs, latency) and the protocol strings that name them read a candidate's generation from
+here, so a pixel chain (base, then SSR per doubling) and a latent model (denoiser, then the decoder) are
+told apart in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from harness.candidates import Candidate
+from harness.models import ModelBundle
+from harness.pipeline import Chain
+from search_spaces import SubnetConfig, Supernet, make_dummy_inputs
+
+
+@dataclass(frozen=True)
+class DenoiserStage:
+    """One denoiser of a generation, run ``steps`` times (twice per step under guidance)."""
+
+    name: str
+    supernet: Supernet
+    subnet: SubnetConfig
+    resolution: int
+
+
+@dataclass(frozen=True)
+class OncePerVideo:
+    """Work done once per generated video, after denoising (a latent model's decoder)."""
+
+    name: str
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+
+
+class Generation:
+    """The generation of candidates of one (base [, SSR]) pipeline under given steps and guidance."""
+
+    def __init__(self, base: ModelBundle, ssr: ModelBundle | None, steps: int, guidance: float):
+        self.base, self.ssr, self.steps, self.guidance = base, ssr, steps, guidance
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance doubles each step's forwards; unconditional models run once."""
+        return self.guidance != 1 and bool(self.base.network.spec.context_dim)
+
+    @property
+    def batch_per_forward(self) -> int:
+        return 2 if self.guided else 1  # conditional + null text in one batch
+
+    @property
+    def frames(self) -> int:
+        """Frames the denoisers run at (latent frames for a latent model)."""
+        return self.base.frames
+
+    @property
+    def pixel_frames(self) -> int:
+        codec = self.base.codec
+        return codec.pixel_frames(self.frames) if codec is not None else self.frames
+
+    def pixel_resolution(self, cand: Candidate) -> int:
+        codec = self.base.codec
+        return codec.pixel_resolution(cand.resolution) if codec is not None else cand.resolution
+
+    def denoisers(self, cand: Candidate) -> list[DenoiserStage]:
+        base = self.base.supernet
+        out = [DenoiserStage(f"{base.family}@{cand.base.resolution}", base, cand.base, cand.base.resolution)]
+        for r, cfg in cand.ssr_stages(cand.base.resolution).items():
+            out.append(DenoiserStage(f"{self.ssr.supernet.family}@{r}", self.ssr.supernet, cfg, r))
+        return out
+
+    def once_per_video(self, cand: Candidate, device: str | torch.device = "cpu") -> list[OncePerVideo]:
+        codec = self.base.codec
+        if codec is None:
+            return []
+        z = torch.randn(1, codec.channels, self.frames, cand.resolution, cand.resolution,
+                        generator=torch.Generator().manual_seed(0))
+        return [OncePerVideo("decode", codec.decoder_module(), {"latents": z.to(device)})]
+
+    def stage_inputs(self, static: torch.nn.Module, resolution: int, batch: int) -> dict[str, torch.Tensor]:
+        """Inputs of one forward of a stage's static subnet (random, seeded)."""
+        return make_dummy_inputs(static.spec, resolution, self.frames, batch, seed=0)
+
+    def suffix(self, cand: Candidate) -> str:
+        """The generation's part of a protocol string, e.g. ``ddim8:cfg:16px:12f``."""
+        if self.base.codec is not None:  # latent size, then the decoded video's size
+            return (f"ddim{self.steps}:nocfg:{cand.resolution}lat:{self.frames}f:"
+                    f"+decode:{self.pixel_resolution(cand)}px:{self.pixel_frames}f")
+        return f"ddim{self.steps}:{'cfg' if self.guided else 'nocfg'}:{cand.resolution}px:{self.frames}f"
+
+    def chain(self, cand: Candidate, text_encoder) -> Chain:
+        """The pipeline that generates ``cand``'s videos (``harness.pipeline.generate``)."""
+        return Chain(self.base, self.ssr, text_encoder, cand.base, cand.ssr_stages(cand.base.resolution))
