@@ -30,16 +30,19 @@ import pandas as pd
 from sqlalchemy import inspect
 from sqlalchemy import select as sql_select
 
+from harness import metric_names
+from harness.metric_names import (
+    ALIASES,
+    ANY_DEVICE,
+    COUNT_METRICS,
+    MINIMIZE,
+    NOT_APPLICABLE,
+    QUALITY_METRICS,
+)
 from harness.store import Store, optuna_storage
 from harness.store._models import SupernetModel
 
-METRICS = ("params", "flops", "latency_ms", "fvd", "kvd", "text_alignment")
-MINIMIZE = dict.fromkeys(METRICS, True) | {"text_alignment": False}  # the direction of each objective
-ALIASES = {"latency": "latency_ms", "alignment": "text_alignment", "clip": "text_alignment"}
-COUNT_METRICS = ("params", "flops")  # counted, not timed: the same on every device
-QUALITY_METRICS = ("fvd", "kvd", "text_alignment")  # depend on the feature extractor
-ANY_DEVICE = "any"  # device of measurements that hold on every device
-NOT_APPLICABLE = -1.0  # text_alignment of an unconditional model (read as NaN)
+METRICS = tuple(metric_names.METRICS)
 FRACTIONS = (0.4, 0.6, 0.8, 1.0)
 MODEL_NAMES = {0.4: "SNED-S", 0.6: "SNED-M", 0.8: "SNED-L", 1.0: "SNED-B"}
 LINK_COLUMNS = ("study", "searcher", "trial_number")

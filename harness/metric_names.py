@@ -21,6 +21,7 @@ class Metric:
     minimize: bool            # the direction in which the figure is better
     kind: str                 # "count" (exact, device-independent), "time" (device-dependent) or "quality"
     label: str                # column header in printed tables
+    axis: str                 # axis label in plots
     scale: float = 1.0        # printed value = stored value / scale
     digits: int = 1           # decimals printed
 
@@ -36,12 +37,12 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("params", "count", True, "count", "params (M)", 1e6, 3),
-    Metric("flops", "FLOP", True, "count", "GFLOPs", 1e9, 2),
-    Metric("latency_ms", "ms", True, "time", "latency ms", 1.0, 1),
-    Metric("fvd", "", True, "quality", "FVD", 1.0, 1),
-    Metric("kvd", "", True, "quality", "KVD", 1.0, 3),
-    Metric("text_alignment", "fraction", False, "quality", "text align", 1.0, 2),
+    Metric("params", "count", True, "count", "params (M)", "parameters", 1e6, 3),
+    Metric("flops", "FLOP", True, "count", "GFLOPs", "FLOPs per video", 1e9, 2),
+    Metric("latency_ms", "ms", True, "time", "latency ms", "latency per video (ms)", 1.0, 1),
+    Metric("fvd", "", True, "quality", "FVD", "FVD", 1.0, 1),
+    Metric("kvd", "", True, "quality", "KVD", "KVD", 1.0, 3),
+    Metric("text_alignment", "fraction", False, "quality", "text align", "text alignment", 1.0, 2),
 )}
 
 # Command-line names of the metrics (``--objective latency``, ``--metrics latency,fvd``).

@@ -1,211 +1,25 @@
-"""Plots of a search's results: fronts per resolution, hypervolume over trials, latency against FLOPs.
-
-Command line (PNG files; prints each written path)::
+"""``python -m harness.plot``: the figures of ``harness.figures`` from a store (PNG files; prints each path).
 
     python -m harness.plot --storage URL --study NAME [--study NAME2 ...] \\
         [--objective latency --objective fvd] [--device D] [--extractor E] [--out results/plots]
-
-The library functions build ``matplotlib.figure.Figure`` objects without pyplot (so they render with
-the Agg canvas anywhere and leave a notebook's backend alone), save them when ``path`` is given, and
-return them (a notebook displays a returned figure inline).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-
 from harness import analysis
-from harness.analysis import Minimize, Objectives
 from harness.cli import run_cli
-
-DEFAULT_OBJECTIVES = ("latency_ms", "fvd")
-LABELS = {"params": "parameters", "flops": "FLOPs per video", "latency_ms": "latency per video (ms)",
-          "fvd": "FVD", "kvd": "KVD", "text_alignment": "text alignment"}  # fmt: skip
-DPI = 120
-
-
-def _save(figure: Figure, path: str | Path | None) -> Figure:
-    """Save ``figure`` as ``path`` (parents created) when given; return it."""
-    if path is not None:  # written beside, then renamed: a reader never sees half a PNG
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        figure.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
-    return figure
-
-
-def _label(objective: str) -> str:
-    """Axis label of an objective column."""
-    return LABELS.get(objective, objective)
-
-
-def _use_log(values: pd.Series) -> bool:
-    """Log axis for positive values spanning more than 20x."""
-    values = values.dropna()
-    return len(values) > 1 and values.min() > 0 and values.max() / values.min() > 20
-
-
-def _draw_front(
-    ax: Axes, rows: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str], flags: list[bool]
-) -> None:
-    """All ``rows`` faint, ``front`` highlighted and joined by its attainment staircase."""
-    x, y = objectives
-    ax.scatter(rows[x], rows[y], s=14, color="0.6", alpha=0.35, label=f"candidates ({len(rows)})")
-    # Staircase of the region the front dominates: "post" when the x objective is minimised.
-    front = front.sort_values(x)
-    ax.step(front[x], front[y], where="post" if flags[0] else "pre", color="C0", linewidth=1.2)
-    ax.scatter(front[x], front[y], s=28, color="C0", zorder=3, label=f"Pareto front ({len(front)})")
-    for column, setter in ((x, ax.set_xscale), (y, ax.set_yscale)):
-        if _use_log(rows[column]):
-            setter("log")
-    ax.set_xlabel(_label(x))
-    ax.set_ylabel(_label(y))
-    ax.grid(alpha=0.3)
-
-
-def _mark_subnets(ax: Axes, subnets: pd.DataFrame, objectives: Sequence[str]) -> None:
-    """Mark and label the 40/60/80/100 %-parameter subnets (rows of ``analysis.fraction_subnets``)."""
-    x, y = objectives
-    for _, row in subnets.dropna(subset=[x, y]).iterrows():
-        ax.scatter([row[x]], [row[y]], marker="*", s=140, color="C3", edgecolor="k", linewidth=0.5, zorder=4)
-        ax.annotate(f"{row['model']} ({row['param_fraction']:.0%})", (row[x], row[y]), xytext=(6, 6),
-                    textcoords="offset points", fontsize=8)  # fmt: skip
-
-
-def plot_front(
-    df: pd.DataFrame,
-    objectives: Objectives = DEFAULT_OBJECTIVES,
-    path: str | Path | None = None,
-    title: str | None = None,
-    minimize: Minimize = None,  # None: analysis.MINIMIZE's direction per objective
-) -> Figure:
-    """One panel per resolution: every candidate faint, its Pareto front highlighted and connected, and
-    the candidates nearest 40/60/80/100 % of the supernet's parameters (over all resolutions) marked."""
-    objectives = analysis.resolve_objectives(objectives)
-    if len(objectives) != 2:
-        raise ValueError(f"a front plot draws two objectives, got {len(objectives)}")
-    flags = analysis.minimize_flags(objectives, minimize)
-    fronts = analysis.fronts_by_resolution(df, objectives, flags)
-    if not fronts or all(front.empty for front in fronts.values()):
-        raise ValueError(f"no candidate has both {objectives[0]} and {objectives[1]} measured")
-    subnets = analysis.fraction_subnets(df)
-    columns = min(len(fronts), 3)
-    rows_count = math.ceil(len(fronts) / columns)
-    figure = Figure(figsize=(5.0 * columns, 4.0 * rows_count), layout="constrained")
-    axes = figure.subplots(rows_count, columns, squeeze=False).ravel()
-    for ax, (resolution, front) in zip(axes, fronts.items()):
-        rows = df[df["resolution"] == resolution].dropna(subset=list(objectives))
-        _draw_front(ax, rows, front, objectives, flags)
-        _mark_subnets(ax, subnets[subnets["resolution"] == resolution], objectives)
-        ax.set_title(f"{resolution}px")
-        ax.legend(fontsize=8)
-    for ax in axes[len(fronts) :]:
-        ax.set_visible(False)
-    figure.suptitle(title or f"{_label(objectives[1])} against {_label(objectives[0])}")
-    return _save(figure, path)
-
-
-def plot_hypervolume(
-    df: pd.DataFrame,
-    objectives: Objectives = DEFAULT_OBJECTIVES,
-    path: str | Path | None = None,
-    title: str | None = None,
-    minimize: Minimize = None,  # None: analysis.MINIMIZE's direction per objective
-) -> Figure:
-    """Hypervolume over trial numbers, one curve per study/searcher, all with one common reference."""
-    objectives = analysis.resolve_objectives(objectives)
-    flags = analysis.minimize_flags(objectives, minimize)
-    reference = analysis.reference_point(df, objectives, flags)
-    curves = analysis.hypervolume_over_trials(df, objectives, reference, flags)
-    if curves.empty:
-        raise ValueError("no trial-linked candidates to draw hypervolume over trials")
-    figure = Figure(figsize=(6.5, 4.0), layout="constrained")
-    ax = figure.subplots()
-    for (study, searcher), curve in curves.groupby(["study", "searcher"], sort=True):
-        ax.step(curve["trial_number"], curve["hypervolume"], where="post", label=f"{study} ({searcher})")
-    ax.set_xlabel("trial number")
-    ax.set_ylabel("hypervolume")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    point = ", ".join(f"{o}={v:.4g}" for o, v in zip(objectives, reference))
-    ax.set_title(title or f"hypervolume of ({', '.join(objectives)}), reference ({point})", fontsize=9)
-    return _save(figure, path)
-
-
-def plot_latency_vs_flops(
-    df: pd.DataFrame, path: str | Path | None = None, title: str | None = None
-) -> Figure:
-    """Latency against FLOPs per resolution, titled with the Pearson and Spearman correlations."""
-    correlation = analysis.latency_flops_correlation(df)
-    rows = df.dropna(subset=["flops", "latency_ms"]).drop_duplicates(["candidate_key", "latency_ms"])
-    if rows.empty:
-        raise ValueError("no candidate has both flops and latency_ms measured")
-    figure = Figure(figsize=(6.0, 4.5), layout="constrained")
-    ax = figure.subplots()
-    for index, (resolution, group) in enumerate(rows.groupby("resolution", sort=True)):
-        ax.scatter(
-            group["flops"], group["latency_ms"], s=16, color=f"C{index}", alpha=0.7, label=f"{resolution}px"
-        )
-    for column, setter in (("flops", ax.set_xscale), ("latency_ms", ax.set_yscale)):
-        if _use_log(rows[column]):
-            setter("log")
-    ax.set_xlabel(_label("flops"))
-    ax.set_ylabel(_label("latency_ms"))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    device = ", ".join(sorted(rows["device"].dropna().unique()))
-    stats = f"Pearson r = {correlation['pearson']:.3f}, Spearman rho = {correlation['spearman']:.3f}"
-    ax.set_title(title or f"{device}\n{stats} (n = {int(correlation['n'])})", fontsize=9)
-    return _save(figure, path)
-
-
-def write_plots(df: pd.DataFrame, objectives: Objectives, out: str | Path) -> list[Path]:
-    """Write the three plots into ``out``; returns the written paths (latency/FLOPs only when measured)."""
-    objectives = analysis.resolve_objectives(objectives)
-    out = Path(out)
-    names = "_vs_".join(objectives)
-    jobs = [(out / f"front_{names}.png", lambda p: plot_front(df, objectives, p)),
-            (out / f"hypervolume_{names}.png", lambda p: plot_hypervolume(df, objectives, p))]  # fmt: skip
-    if not df.dropna(subset=["flops", "latency_ms"]).empty:
-        jobs.append((out / "latency_vs_flops.png", lambda p: plot_latency_vs_flops(df, p)))
-    for path, draw in jobs:
-        draw(path)
-    return [path for path, _ in jobs]
-
-
-def plot_training_logs(logs: Sequence[str | Path], path: str | Path) -> Path:
-    """Training loss against step for one or more ``log.jsonl`` files (raw, and a 50-point running mean)."""
-    import json
-
-    import numpy as np
-
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.subplots()
-    for log in logs:
-        log = Path(log)
-        if not log.is_file():
-            raise ValueError(f"training log {log} does not exist; pass a run's log.jsonl")
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        steps = np.array([r["step"] for r in rows])
-        loss = np.array([r["Loss/train"] for r in rows])
-        line, = ax.plot(steps, loss, alpha=0.25, lw=0.8)
-        k = min(50, len(loss))
-        ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color=line.get_color(),
-                label=f"{log.parent.name} (running mean of {k})")
-    ax.set(xlabel="step", ylabel="training loss (MSE to the run's target: eps, v or teacher)", yscale="log",
-           title="supernet training loss")
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return Path(path)
+from harness.figures import (  # noqa: F401  (the figure functions' old home: notebooks import them from here)
+    DEFAULT_OBJECTIVES,
+    plot_front,
+    plot_hypervolume,
+    plot_latency_vs_flops,
+    plot_training_logs,
+    write_plots,
+)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -49,7 +49,7 @@ def report_front(df: pd.DataFrame, url: str, study: str, objectives: list[str], 
           "video on this machine (see the store for the full provenance).")
     if not plot or front.empty:
         return None
-    from harness.plot import plot_front
+    from harness.figures import plot_front
 
     out = RESULTS / "plots" / f"{study}-front.png"
     plot_front(df, tuple(columns[:2]), out, title=f"{study} ({redact_url(url)})")

@@ -14,7 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from harness.autoencoder import build_autoencoder
 from harness.diffusion import train_scheduler
-from harness.latent import LatentCodec, find_codec
+from harness.latent import LatentCodec
+from harness.models import in_memory, load_bundle
+from harness.paths import RESULTS
 from harness.metrics.flops import flop_analysis, matmul_flops
 from harness.pipeline import Chain, generate
 from harness.store import Store
@@ -73,12 +75,12 @@ def test_latent_batches_noise_the_encoded_clips(codec):
 def test_generation_decodes_and_static_subnet_matches_supernet(codec):
     net = randomize_(build_supernet("latent-unet", "tiny"), seed=5).eval()
     cfg = net.space.sample(np.random.default_rng(1), resolution=8)
-    from_super = generate(Chain(net, base_subnet=cfg, codec=codec), ["", ""], steps=3, seed=4)
-    from_static = generate(Chain(net.extract(cfg).eval(), codec=codec), ["", ""], steps=3, seed=4)
+    from_super = generate(Chain(in_memory(net, codec=codec), base_subnet=cfg), ["", ""], steps=3, seed=4)
+    from_static = generate(Chain(in_memory(net.extract(cfg).eval(), codec=codec)), ["", ""], steps=3, seed=4)
     assert from_super.shape == (2, 3, 16, 32, 32)
     assert (from_super - from_static).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="latent"):
-        generate(Chain(net, base_subnet=cfg, codec=codec), [""], resolution=16, steps=1)
+        generate(Chain(in_memory(net, codec=codec), base_subnet=cfg), [""], resolution=16, steps=1)
 
 
 def test_decoder_flops_agree_with_flop_counter_mode(codec):
@@ -155,24 +157,17 @@ def test_train_then_search_export_and_sample_the_latent_family(tmp_path):
     assert (ok[ok.metric == "text_alignment"].value == -1).all()  # unconditional: not applicable
 
     _run("harness.export", "--storage", db, "--study", "lat", "--trial", "0", "--out", str(tmp_path / "exp"))
-    assert find_codec_of(tmp_path / "exp" / "base") is not None
+    assert load_bundle(tmp_path / "exp" / "base").codec is not None
     out = _run("harness.sample", "--checkpoint", str(tmp_path / "exp" / "base"), "--num-videos", "2", "--steps",
                "2", "--out", str(tmp_path / "s.gif"))
     assert "(2, 3, 16, 32, 32)" in out and (tmp_path / "s.gif").is_file()
 
 
-def find_codec_of(directory):
-    from harness.checkpoints import load_model
-
-    return find_codec(load_model(directory))
-
-
 def test_shipped_latent_pair_generates():
     """The shipped tiny latent supernet finds its autoencoder beside it and decodes what it generates."""
-    from harness.checkpoints import RESULTS, load_model
-
-    net = load_model(RESULTS / "checkpoints" / "latent-unet-tiny")
-    codec = find_codec(net)
+    bundle = load_bundle(RESULTS / "checkpoints" / "latent-unet-tiny")
+    codec = bundle.codec
     assert codec is not None and codec.scale > 0 and codec.downsample == (2, 4, 4)
-    video = generate(Chain(net, base_subnet=net.space.smallest(), codec=codec), [""], steps=2, seed=0)
+    assert bundle.text_encoder is None  # unconditional
+    video = generate(Chain(bundle, base_subnet=bundle.supernet.space.smallest()), [""], steps=2, seed=0)
     assert video.shape == (1, 3, 16, 32, 32) and video.abs().max() <= 1

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from harness.checkpoints import export_supernet, load_model, noise_schedule_of, training_provenance
+from harness.checkpoints import export_supernet
+from harness.models import load_bundle
 from harness.diffusion import EPS_COSINE, SCHEDULES, ZERO_SNR_V, NoiseSchedule, ddim_sample
 from harness.training.loop import TrainOptions, train
 from search_spaces import load_static, save_static
@@ -82,19 +83,20 @@ def test_schedule_travels_from_training_to_export_to_extracted_subnet(tmp_path):
                         steps=1, warmup_steps=0, checkpoint_every=1, out=str(tmp_path / "run"),
                         schedule="v-zero-snr")
     trainer = train(opts, progress=False)
-    assert noise_schedule_of(load_model(tmp_path / "run")) == ZERO_SNR_V
+    assert load_bundle(tmp_path / "run").schedule == ZERO_SNR_V
     export_supernet(tmp_path / "run", tmp_path / "export")
-    net = load_model(tmp_path / "export")
+    bundle = load_bundle(tmp_path / "export")
     saved = json.loads((tmp_path / "export" / "config.json").read_text())
     assert saved["noise_schedule"]["zero_terminal_snr"]
-    assert noise_schedule_of(net) == ZERO_SNR_V
-    save_static(net.extract(net.space.smallest()), tmp_path / "sub", extra=training_provenance(net))
-    static = load_static(tmp_path / "sub")
-    static.checkpoint_dir = tmp_path / "sub"
-    assert noise_schedule_of(static) == ZERO_SNR_V
+    assert bundle.schedule == ZERO_SNR_V
+    net = bundle.supernet
+    save_static(net.extract(net.space.smallest()), tmp_path / "sub", extra=bundle.provenance())
+    assert load_bundle(tmp_path / "sub").schedule == ZERO_SNR_V
     assert trainer.history[-1]["Loss/train"] > 0
-    legacy = tmp_path / "legacy"
+    legacy = tmp_path / "legacy"  # a subnet exported before schedules were saved: the paper's schedule
     legacy.mkdir()
-    (legacy / "config.json").write_text(json.dumps({"kind": "subnet"}))  # from before schedules were saved
-    static.checkpoint_dir = legacy
-    assert noise_schedule_of(static) == EPS_COSINE
+    (tmp_path / "sub" / "model.safetensors").rename(legacy / "model.safetensors")
+    config = json.loads((tmp_path / "sub" / "config.json").read_text())
+    config.pop("noise_schedule")
+    (legacy / "config.json").write_text(json.dumps(config))
+    assert load_bundle(legacy).schedule == EPS_COSINE

@@ -20,6 +20,7 @@ from harness.data.folders import (
     VideoFolderDataset,
     read_captions,
 )
+from harness.data.motion import motion_alignment
 from harness.data.synthetic import (
     ATTRIBUTES,
     CAPTION_TEMPLATE,
@@ -54,11 +55,9 @@ __all__ = [
 def dataset_checks(spec: str | os.PathLike) -> dict:
     """Checks a dataset provides for generated videos: ``{name: check(videos (N, 3, T, R, R), prompts) ->
     dict}``. Only the built-in synthetic data has one: motion alignment, which reads how its captions
-    describe motion (``harness.metrics.motion``). Folders of real videos provide none."""
+    describe motion (``harness.data.motion``). Folders of real videos provide none."""
     if str(spec) != "synthetic":
         return {}
-    from harness.metrics.motion import motion_alignment  # imports this package: not at module level
-
     return {"motion_alignment": motion_alignment}
 
 

@@ -26,7 +26,7 @@ from harness.data import build_dataset
 from harness.diffusion import NoiseSchedule, diffusion_loss
 from harness.latent import FOLDER as LATENT_FOLDER
 from harness.latent import LATENT_FILE, LatentCodec, is_latent
-from harness.text_encoder import load_text_encoder
+from harness.models import TextEncoderSpec, load_bundle
 from harness.training.batches import ClipSource, make_batch, step_rng, timestep_weights
 from harness.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from harness.training.masked_optim import MaskedAdamW, MaskedEMA, masked_clip_grad_norm_
@@ -111,7 +111,7 @@ class Trainer:
         self.codec = self._fit_codec(autoencoder) if autoencoder is not None else None
         self.text = None
         if opts.text_encoder != "none" and self.net.spec.context_dim:
-            self.text = load_text_encoder(opts.text_encoder, max_length=self.net.spec.context_len)
+            self.text = TextEncoderSpec(opts.text_encoder, self.net.spec.context_len).load()
             if self.text.dim != self.net.spec.context_dim:
                 raise ValueError(f"text encoder dim {self.text.dim} != the supernet's context dim "
                                  f"{self.net.spec.context_dim}")
@@ -189,8 +189,6 @@ class Trainer:
 
     def _load_init(self, path: str) -> str:
         """Start from a saved supernet's weights (e.g. a shipped one, to train it longer); returns its hash."""
-        from harness.models import load_bundle
-
         bundle = load_bundle(path)
         model = bundle.network
         if not isinstance(model, Supernet) or (model.family, model.preset) != (self.opts.family, self.opts.preset):
