@@ -8,29 +8,16 @@ the once-per-video work.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 from harness.candidates import Candidate
 from harness.measurement.generation import Generation
-from harness.measurement.recorder import Computed, MeasurementFailed
+from harness.measurement.recorder import Computed, MeasurementFailed, MetricGroup
 from harness.metric_names import ANY_DEVICE
 from harness.metrics.flops import GenerationStage, generation_flops
 from harness.metrics.latency import device_description, measure_latency
 
 
-class CostMetric(ABC):
-    """Contract: ``metrics`` are names of ``harness.metric_names.METRICS``; ``protocol(cand)`` and
-    ``device`` identify the values (same strings = same values, so they are cached under them);
-    ``compute(cand)`` returns ``({metric: value}, provenance)`` or raises."""
-
-    metrics: tuple[str, ...]
-    device: str
-
-    @abstractmethod
-    def protocol(self, cand: Candidate) -> str: ...
-
-    @abstractmethod
-    def compute(self, cand: Candidate) -> Computed: ...
+class CostMetric(MetricGroup):
+    """What a candidate costs to run (``MetricGroup``'s contract); independent of sample quality."""
 
 
 class ParamCount(CostMetric):

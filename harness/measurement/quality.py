@@ -6,14 +6,13 @@ generated videos; plus any checks the real videos' dataset provides (opt-in, ``M
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import asdict
 
 import torch
 
 from harness.candidates import Candidate
 from harness.measurement.generation import Generation
-from harness.measurement.recorder import Computed
+from harness.measurement.recorder import Computed, MetricGroup
 from harness.measurement.settings import MeasureSettings
 from harness.metric_names import NOT_APPLICABLE
 from harness.metrics.latency import device_description
@@ -22,17 +21,8 @@ from harness.pipeline import generate
 GENERATION_BATCH = 16  # videos generated per call (bounds memory, not results: seeds are per batch start)
 
 
-class QualityMetric(ABC):
-    """Contract as ``CostMetric``'s: ``metrics``, ``device``, ``protocol(cand)``, ``compute(cand)``."""
-
-    metrics: tuple[str, ...]
-    device: str
-
-    @abstractmethod
-    def protocol(self, cand: Candidate) -> str: ...
-
-    @abstractmethod
-    def compute(self, cand: Candidate) -> Computed: ...
+class QualityMetric(MetricGroup):
+    """How good a candidate's samples are (``MetricGroup``'s contract): computed from generated videos."""
 
 
 def heldout_prompts(protocol) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,22 @@ Computed = tuple[dict[str, float], dict]  # (values incl. "<metric>_std", proven
 
 class MeasurementFailed(RuntimeError):
     """A candidate's measurement failed (recorded in the store as failed, with the error)."""
+
+
+class MetricGroup(ABC):
+    """Figures measured together. Contract: ``metrics`` are names of ``harness.metric_names.METRICS``;
+    ``protocol(cand)`` and ``device`` identify the values (same strings = same values, so they are cached
+    under them); ``compute(cand)`` returns ``({metric: value, "<metric>_std": ...}, provenance)`` or
+    raises, and records nothing (the recorder does)."""
+
+    metrics: tuple[str, ...]
+    device: str
+
+    @abstractmethod
+    def protocol(self, cand: Candidate) -> str: ...
+
+    @abstractmethod
+    def compute(self, cand: Candidate) -> Computed: ...
 
 
 def register_models(store: Store, base: ModelBundle, ssr: ModelBundle | None) -> int:
