@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.models import load_bundle
-from harness.paths import DEFAULT_BASE, RESULTS
 from harness.cli import run_cli
 from harness.metrics.flops import denoiser_flops
 from harness.metrics.latency import device_description, measure_latency
+from harness.models import load_bundle
+from harness.paths import DEFAULT_BASE, RESULTS
 from harness.training.masked_optim import MaskedAdamW
 from search_spaces import build_supernet
 
@@ -102,9 +102,10 @@ def training(threads: int, n_configs: int = 6, batch: int = 4) -> dict:
         cfg = net.space.sample(rng)
         inputs = net.dummy_inputs(cfg, batch_size=batch)
         static = net.extract(cfg)
-        t_super = _train_step_time(net, lambda: net(**inputs, subnet=cfg), list(net.named_parameters()),
-                                   lambda m: m.active_regions(cfg))
-        t_static = _train_step_time(static, lambda: static(**inputs), list(static.named_parameters()), None)
+        t_super = _train_step_time(net, lambda inputs=inputs, cfg=cfg: net(**inputs, subnet=cfg),
+                                   list(net.named_parameters()), lambda m, cfg=cfg: m.active_regions(cfg))
+        t_static = _train_step_time(static, lambda static=static, inputs=inputs: static(**inputs),
+                                    list(static.named_parameters()), None)
         ratios.append(t_super / t_static)
     return {"training/super_over_static_step_median": (statistics.median(ratios), "max", 1.35)}
 

@@ -31,7 +31,7 @@ class Candidate:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> "Candidate":
+    def from_json(cls, text: str) -> Candidate:
         d = json.loads(text)
         if d.get("format") == CHAIN_FORMAT:
             return cls(SubnetConfig.from_dict(d["base"]), SubnetConfig.from_dict(d["ssr"]))
@@ -64,7 +64,7 @@ class Candidate:
         return (f"{self.param_fraction(base, ssr):.0%} params, {self.resolution}px chain: base "
                 f"[{parts}] + SSR [{self.ssr.describe(ssr.space.param_fraction(self.ssr))}]")
 
-    def validate(self, base: Supernet, ssr: Supernet | None) -> "Candidate":
+    def validate(self, base: Supernet, ssr: Supernet | None) -> Candidate:
         base.space.validate(self.base)
         if self.ssr is not None:
             if ssr is None:

@@ -43,9 +43,9 @@ class NoiseSchedule:
             raise ValueError("epsilon prediction is undefined at zero terminal SNR; use v_prediction")
 
     def _kwargs(self) -> dict:
-        return dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=self.beta_schedule,
-                    prediction_type=self.prediction, clip_sample=False,
-                    rescale_betas_zero_snr=self.zero_terminal_snr)
+        return {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": self.beta_schedule,
+                "prediction_type": self.prediction, "clip_sample": False,
+                "rescale_betas_zero_snr": self.zero_terminal_snr}
 
     def train_scheduler(self) -> DDPMScheduler:
         """The training scheduler (``add_noise``, ``get_velocity``): built once per schedule and shared,
@@ -71,12 +71,12 @@ class NoiseSchedule:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "NoiseSchedule":
+    def from_dict(cls, data: dict | None) -> NoiseSchedule:
         """``None`` (a checkpoint from before schedules were recorded) is the paper's setting."""
         return cls(**data) if data else cls()
 
     @classmethod
-    def named(cls, name: str) -> "NoiseSchedule":
+    def named(cls, name: str) -> NoiseSchedule:
         if name not in SCHEDULES:
             raise ValueError(f"unknown noise schedule {name!r}; use one of {list(SCHEDULES)}")
         return SCHEDULES[name]

@@ -15,7 +15,7 @@ ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
 
 def bench(*args):
     return subprocess.run([sys.executable, "-m", "harness.bench", *args], cwd=REPO, env=ENV, text=True,
-                          capture_output=True, timeout=1200)
+                          capture_output=True, timeout=1200, check=False)
 
 
 def test_perturbed_baseline_fails_with_a_readable_verdict(tmp_path):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from harness.checkpoints import export_supernet
-from harness.models import load_bundle
 from harness.diffusion import EPS_COSINE, SCHEDULES, ZERO_SNR_V, NoiseSchedule, ddim_sample
+from harness.models import load_bundle
 from harness.training.loop import TrainOptions, train
-from search_spaces import load_static, save_static
+from search_spaces import save_static
 
 
 def _oracle(x0: torch.Tensor, schedule: NoiseSchedule):

@@ -3,7 +3,7 @@
 import torch
 
 from harness.pipeline import Chain, generate
-from harness.training.loop import TrainOptions, Trainer
+from harness.training.loop import Trainer, TrainOptions
 from harness.training.samples import write_training_samples
 
 

@@ -18,10 +18,10 @@ Contract (the parts a caller relies on):
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import datetime as dt
+import fcntl
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os

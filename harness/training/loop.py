@@ -278,7 +278,7 @@ def train(opts: TrainOptions, progress: bool = True, on_step=None) -> Trainer:
         (out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1))
         if trainer.codec is not None:
             trainer.codec.save(out / LATENT_FOLDER)
-    log = open(out / "log.jsonl", "a") if trainer.rank == 0 else None
+    log = open(out / "log.jsonl", "a") if trainer.rank == 0 else None  # noqa: SIM115  (closed in the finally)
     bar = tqdm(total=opts.steps, initial=trainer.step, disable=not progress or trainer.rank != 0,
                dynamic_ncols=True, desc=f"train {opts.family}")
     start = time.perf_counter()
