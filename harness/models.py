@@ -95,8 +95,7 @@ class ModelBundle:
 
     def with_network(self, network: Supernet | VideoUNet) -> ModelBundle:
         """The same provenance around another network (e.g. a subnet extracted from this supernet)."""
-        frames = getattr(network, "frames", None) or self.frames
-        return ModelBundle(network, self.schedule, self.text_encoder, frames, self.codec, self.directory,
+        return ModelBundle(network, self.schedule, self.text_encoder, network.frames, self.codec, self.directory,
                            self.checkpoint_hash)
 
     def provenance(self) -> dict:
@@ -111,8 +110,7 @@ def in_memory(network: Supernet | VideoUNet, schedule: NoiseSchedule | None = No
     ``schedule`` says otherwise, MiniLM at the model's context length when it is text-conditioned."""
     if text_encoder is None and network.spec.context_dim:
         text_encoder = TextEncoderSpec(DEFAULT_TEXT_ENCODER, network.spec.context_len)
-    frames = network.hyper.frames if isinstance(network, Supernet) else network.frames
-    return ModelBundle(network, schedule or NoiseSchedule(), text_encoder, frames, codec)
+    return ModelBundle(network, schedule or NoiseSchedule(), text_encoder, network.frames, codec)
 
 
 # -- loading -----------------------------------------------------------------------------------------
@@ -144,8 +142,7 @@ def load_bundle(path: str | Path, use_ema: bool = True) -> ModelBundle:
     text = None
     if network.spec.context_dim:
         text = TextEncoderSpec(_text_encoder_name(metadata), network.spec.context_len)
-    frames = network.hyper.frames if isinstance(network, Supernet) else network.frames
-    return ModelBundle(network, _noise_schedule(metadata), text, frames, _find_codec(directory, network),
+    return ModelBundle(network, _noise_schedule(metadata), text, network.frames, _find_codec(directory, network),
                        directory, checkpoint_hash(directory))
 
 

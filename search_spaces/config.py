@@ -30,7 +30,7 @@ class SubnetConfig:
 
     @classmethod
     def create(cls, family: str, resolution: int, ratios: Mapping[str, float],
-               keep: Mapping[str, Mapping[str, bool]]) -> "SubnetConfig":
+               keep: Mapping[str, Mapping[str, bool]]) -> SubnetConfig:
         return cls(family, int(resolution),
                    tuple(sorted((k, float(v)) for k, v in ratios.items())),
                    tuple(sorted((b, tuple(sorted((c, bool(f)) for c, f in comps.items())))
@@ -52,7 +52,7 @@ class SubnetConfig:
         return self.keep_map.get(block, {}).get(component, False)
 
     def replace(self, *, resolution: int | None = None, ratios: Mapping[str, float] | None = None,
-                keep: Mapping[str, Mapping[str, bool]] | None = None) -> "SubnetConfig":
+                keep: Mapping[str, Mapping[str, bool]] | None = None) -> SubnetConfig:
         return SubnetConfig.create(self.family, self.resolution if resolution is None else resolution,
                                    self.ratio_map if ratios is None else ratios,
                                    self.keep_map if keep is None else keep)
@@ -66,7 +66,7 @@ class SubnetConfig:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, d: object) -> "SubnetConfig":
+    def from_dict(cls, d: object) -> SubnetConfig:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ConfigError(f"not a subnet config: expected a JSON object with \"format\": \"{FORMAT}\"")
         try:
@@ -84,7 +84,7 @@ class SubnetConfig:
         return cls.create(family, resolution, ratios, keep)
 
     @classmethod
-    def from_json(cls, text: str) -> "SubnetConfig":
+    def from_json(cls, text: str) -> SubnetConfig:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from .blocks import ATTENTIONS, BlockSpec, ResSpec
+from .conditioning import upgrade_config, validate_conditioning
 from .config import SubnetConfig
 from .unet import UNetSpec
 
@@ -42,22 +43,23 @@ class UNetHyper:
     max_frames: int = 16
     frames: int = 12
     temporal_conv: bool = True
-    frame_embedding: bool = False  # a learned per-frame vector added to the time embedding (see VideoUNet)
-    pooled_text: bool = False      # the mean text token, projected, added to the time embedding (Imagen)
-    position_embedding: bool = False  # projected pixel coordinates added after conv_in (see VideoUNet)
-    position_modulation: bool = False  # ... modulated per frame by the time embedding (see VideoUNet)
-    position_velocity: bool = False  # ... and of coordinates moving at a prompted velocity (see VideoUNet)
+    conditioning: tuple[str, ...] = ()  # extra input embeddings, by registered name (see .conditioning)
     scale_shift: bool = False
     padding_mode: str = "zeros"
     resolutions: tuple[int, ...] = (16,)
     size_caps: tuple[float, ...] = (1.0,)  # max fraction of the supernet's parameters, per resolution
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conditioning", validate_conditioning(self.conditioning, self.context_dim))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetHyper":
+    def from_dict(cls, d: dict) -> UNetHyper:
+        """Inverse of ``to_dict``; also reads configs saved before the extras were named (legacy booleans)."""
         fields = {f.name for f in dataclasses.fields(cls)}
+        d = upgrade_config(d)
         d = {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v)
              for k, v in d.items() if k in fields}
         return cls(**d)
@@ -170,9 +172,7 @@ class UNetPlan:
             context_dim=h.context_dim, context_len=h.context_len, head_dim=h.head_dim,
             group_size=h.group_size, max_frames=h.max_frames, temporal_conv=h.temporal_conv,
             scale_shift=h.scale_shift, padding_mode=h.padding_mode, conv_in=widths["down0.width"],
-            frame_embedding=h.frame_embedding, pooled_text=h.pooled_text,
-            position_embedding=h.position_embedding, position_modulation=h.position_modulation,
-            position_velocity=h.position_velocity,
+            conditioning=h.conditioning,
             down=tuple(tuple(specs[f"down{l}.{i}"] for i in range(h.num_res_blocks)) for l in range(levels)),
             down_widths=tuple(widths[f"down{l}.width"] for l in range(levels)),
             mid=tuple(specs[f"mid.{i}"] for i in range(h.mid_blocks)),

@@ -179,7 +179,7 @@ class SearchSpace:
         return choices
 
     def _max_drops(self, min_keep: float) -> int:
-        return int(math.floor((1.0 - min_keep) * len(self.droppable()) + 1e-9))
+        return math.floor((1.0 - min_keep) * len(self.droppable()) + 1e-9)
 
     def feasible_resolutions(self, min_ratio: float = 0.4, min_keep: float = 0.4) -> list[int]:
         """Resolutions whose size cap some config allowed by the warm-up knobs can meet."""

@@ -25,7 +25,7 @@ class Supernet(VideoUNet):
 
     def __init__(self, family: str, preset: str, hyper: UNetHyper):
         self.unet_plan = UNetPlan(hyper)
-        super().__init__(self.unet_plan.resolve(self._full_config(family, hyper)))
+        super().__init__(self.unet_plan.resolve(self._full_config(family, hyper)), frames=hyper.frames)
         self.family, self.preset, self.hyper = family, preset, hyper
         self.space = SearchSpace(family, list(self.unet_plan.layers.values()), self.unet_plan.blocks, hyper.resolutions,
                                  hyper.size_caps, self.count_params,
@@ -55,7 +55,7 @@ class Supernet(VideoUNet):
 
     def count_params(self, cfg: SubnetConfig) -> int:
         """Exact number of parameters of the subnet (equals ``extract(cfg)``'s count)."""
-        shapes = dict((n, p.shape) for n, p in self.named_parameters())
+        shapes = {n: p.shape for n, p in self.named_parameters()}
         return sum(ranges_numel(r, shapes[n]) for n, r in self.active_ranges(cfg).items())
 
     def active_masks(self, cfg: SubnetConfig) -> dict[str, torch.Tensor]:
@@ -89,7 +89,7 @@ class Supernet(VideoUNet):
         spec = self.unet_plan.resolve(cfg)
         ranges = self.param_ranges(spec)
         with torch.device("meta"):
-            static = VideoUNet(spec)
+            static = VideoUNet(spec, frames=self.frames, subnet=cfg)
         static = static.to_empty(device=self.conv_in.weight.device).to(self.conv_in.weight.dtype)
         params = dict(self.named_parameters())
         own = dict(static.named_parameters())
@@ -98,8 +98,6 @@ class Supernet(VideoUNet):
         with torch.no_grad():
             for name, p in own.items():
                 p.copy_(take(params[name], ranges[name]))
-        static.subnet_config = cfg
-        static.frames = self.hyper.frames
         return static
 
     # -- inputs --------------------------------------------------------------------------------------
@@ -107,7 +105,7 @@ class Supernet(VideoUNet):
                      seed: int = 0) -> dict[str, torch.Tensor]:
         """Keyword inputs of one forward at ``cfg``'s resolution (random, seeded)."""
         cfg = cfg or self.space.largest()
-        return make_dummy_inputs(self.spec, cfg.resolution, frames or self.hyper.frames, batch_size, seed,
+        return make_dummy_inputs(self.spec, cfg.resolution, frames or self.frames, batch_size, seed,
                                  self.conv_in.weight.device)
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -134,8 +132,8 @@ def make_dummy_inputs(spec: UNetSpec, resolution: int, frames: int, batch_size: 
 
 
 def static_config_dict(model: VideoUNet) -> dict:
-    cfg = getattr(model, "subnet_config", None)
-    return {"kind": "subnet", "spec": model.spec.to_dict(), "frames": getattr(model, "frames", 12),
+    cfg = model.subnet_config
+    return {"kind": "subnet", "spec": model.spec.to_dict(), "frames": model.frames,
             "subnet": None if cfg is None else cfg.to_dict()}
 
 
@@ -149,9 +147,7 @@ def load_static(directory: str | Path) -> VideoUNet:
     config = json.loads((Path(directory) / "config.json").read_text())
     if config.get("kind") != "subnet":
         raise ValueError(f"{directory} does not hold an extracted subnet (kind={config.get('kind')!r})")
-    model = VideoUNet(UNetSpec.from_dict(config["spec"]))
+    subnet = SubnetConfig.from_dict(config["subnet"]) if config.get("subnet") else None
+    model = VideoUNet(UNetSpec.from_dict(config["spec"]), frames=config.get("frames"), subnet=subnet)
     model.load_state_dict(load_weights(directory))
-    model.frames = config.get("frames", 12)
-    if config.get("subnet"):
-        model.subnet_config = SubnetConfig.from_dict(config["subnet"])
     return model

@@ -1,7 +1,8 @@
 """A video UNet assembled from diffusion blocks, built from a plain spec (diffusers style).
 
 The same class is the supernet (built from the full spec, run at an active spec) and an extracted static
-subnet (built from the active spec, run at its own). ``forward`` takes the spec explicitly.
+subnet (built from the active spec, run at its own). ``forward`` takes the spec explicitly. Input embeddings
+beyond the paper are named extras of ``spec.conditioning``, held in one module (see ``conditioning``).
 """
 
 from __future__ import annotations
@@ -17,35 +18,10 @@ from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .blocks import FULL, BlockSpec, DiffusionBlock, DynamicModule, ResSpec, zero_
+from .blocks import FULL, BlockSpec, DiffusionBlock, DynamicModule, ResSpec
+from .conditioning import ConditioningExtras, upgrade_config, upgrade_legacy_keys_hook, validate_conditioning
+from .config import SubnetConfig
 from .ops import DynamicConv, DynamicGroupNorm
-
-POSITION_BANDS = 2  # sin/cos of k*pi*x for k = 1..POSITION_BANDS, beside x and y themselves
-POSITION_FEATURES = 2 + 4 * POSITION_BANDS
-
-
-def position_features(height: int, width: int, device=None, dtype=None,
-                      offset: torch.Tensor | None = None) -> torch.Tensor:
-    """Fixed features of the pixel-centre coordinates in ``[-1, 1]``: ``(1, POSITION_FEATURES, 1, H, W)``;
-    with ``offset`` ``(B, 2, T)`` (x, y), of the coordinates minus that offset: ``(B, POSITION_FEATURES, T,
-    H, W)``.
-
-    Normalised coordinates, so the same features (and the projection that reads them) serve every
-    resolution of a multi-resolution supernet.
-    """
-    y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * (2.0 / height) - 1.0
-    x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * (2.0 / width) - 1.0
-    y, x = y[:, None].expand(height, width), x[None, :].expand(height, width)
-    if offset is not None:  # (B, T, H, W) each
-        offset = offset.float()
-        x, y = x - offset[:, 0, :, None, None], y - offset[:, 1, :, None, None]
-    feats = [x, y]
-    for k in range(1, POSITION_BANDS + 1):
-        for c in (x, y):
-            feats += [torch.sin(k * torch.pi * c), torch.cos(k * torch.pi * c)]
-    if offset is not None:
-        return torch.stack(feats, dim=1).to(dtype)  # (B, F, T, H, W)
-    return torch.stack(feats)[None, :, None].to(dtype)  # (1, F, 1, H, W)
 
 
 @dataclass(frozen=True)
@@ -72,23 +48,22 @@ class UNetSpec:
     mid: tuple[BlockSpec, ...]
     up: tuple[tuple[BlockSpec, ...], ...]  # per level, index = level (level 0 = full resolution)
     up_widths: tuple[int, ...]
-    frame_embedding: bool = False          # absolute frame index in the time embedding
-    pooled_text: bool = False              # mean text token in the time embedding (Imagen)
-    position_embedding: bool = False       # projected pixel coordinates added after conv_in
-    position_modulation: bool = False      # ... scaled and shifted per frame by the time embedding
-    position_velocity: bool = False        # ... and of coordinates moving at a prompted velocity
+    conditioning: tuple[str, ...] = ()     # names of the extra input embeddings (see ``conditioning``)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conditioning", validate_conditioning(self.conditioning, self.context_dim))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UNetSpec":
+    def from_dict(cls, d: dict) -> UNetSpec:
         def block(b: dict) -> BlockSpec:
             res = b["res"]
             res = ResSpec(tuple(res["in_sizes"]), res["hidden"], res["out"], res["skip_conv"]) if res else None
             return BlockSpec(**{**b, "res": res})
 
-        d = dict(d)
+        d = upgrade_config(d)  # configs saved before the extras were named
         d["down"] = tuple(tuple(block(b) for b in level) for level in d["down"])
         d["up"] = tuple(tuple(block(b) for b in level) for level in d["up"])
         d["mid"] = tuple(block(b) for b in d["mid"])
@@ -103,32 +78,27 @@ class VideoUNet(DynamicModule):
     ``forward(sample (B, C, T, H, W), timestep (B,), encoder_hidden_states (B, L, D) | None,
     low_res (B, 3, T, h, w) | None, noise_level (B,) | None) -> (B, out_channels, T, H, W)``.
     ``encoder_hidden_states=None`` uses the learned null text embedding (classifier-free guidance).
+
+    ``frames`` is the clip length the model generates by default (``None``: ``spec.max_frames``);
+    ``subnet_config`` the config an extracted subnet was cut at (``None`` for a supernet or a network built
+    from a spec). Loading accepts the parameter names of checkpoints saved before the extras were named
+    (see ``conditioning.legacy_key_map``).
     """
 
-    def __init__(self, spec: UNetSpec):
+    def __init__(self, spec: UNetSpec, frames: int | None = None, subnet: SubnetConfig | None = None):
         super().__init__()
         self.spec = spec
+        self.frames: int = spec.max_frames if frames is None else frames
+        self.subnet_config: SubnetConfig | None = subnet
         s = spec
         self.time_embed = nn.Sequential(nn.Linear(s.model_channels, s.temb_dim), nn.SiLU(),
                                         nn.Linear(s.temb_dim, s.temb_dim))
         self.noise_embed = (nn.Sequential(nn.Linear(s.model_channels, s.temb_dim), nn.SiLU(),
                                           nn.Linear(s.temb_dim, s.temb_dim)) if s.noise_cond else None)
-        if s.frame_embedding:  # zero at init: adding it to a trained network leaves its function unchanged
-            self.frame_embed = nn.Parameter(torch.zeros(s.max_frames, s.temb_dim))
-        if s.pooled_text:  # zero at init, like the frame embedding
-            if not s.context_dim:
-                raise ValueError("pooled_text needs a text-conditioned model (context_dim > 0)")
-            self.pooled_text = zero_(nn.Linear(s.context_dim, s.temb_dim))
         if s.context_dim:
             self.null_text = nn.Parameter(torch.randn(1, s.context_len, s.context_dim) * 0.02)
         self.conv_in = DynamicConv(s.in_channels + s.cond_channels, s.conv_in, (1, 3, 3),
                                    padding_mode=s.padding_mode)
-        if s.position_embedding:  # zero at init, like the frame embedding
-            self.position_embed = zero_(DynamicConv(POSITION_FEATURES, s.conv_in, (1, 1, 1)))
-        if s.position_modulation:  # zero at init: (1 + 0) * features + 0
-            if not s.position_embedding:
-                raise ValueError("position_modulation modulates the position embedding; set position_embedding")
-            self.position_film = zero_(nn.Linear(s.temb_dim, 2 * POSITION_FEATURES))
 
         def blocks(specs):
             return nn.ModuleList(
@@ -146,11 +116,9 @@ class VideoUNet(DynamicModule):
         self.conv_out = DynamicConv(s.up_widths[0], s.out_channels, (1, 3, 3), padding_mode=s.padding_mode)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
-        if s.position_velocity:  # zero at init, like the frame embedding; built last (others' init stays)
-            if not (s.position_embedding and s.context_dim):
-                raise ValueError("position_velocity needs position_embedding and a text-conditioned model")
-            self.velocity = zero_(nn.Linear(s.context_dim, 2))
-            self.moving_position_embed = zero_(DynamicConv(POSITION_FEATURES, s.conv_in, (1, 1, 1)))
+        # Built last, so the random init of the rest does not depend on which extras the spec names.
+        self.conditioning = ConditioningExtras(s)
+        self.register_load_state_dict_pre_hook(upgrade_legacy_keys_hook)
 
     # -- sizes ---------------------------------------------------------------------------------------
     def plan(self, spec: UNetSpec) -> dict[str, object]:
@@ -160,15 +128,7 @@ class VideoUNet(DynamicModule):
                                 "conv_out": ((spec.up_widths[0],), spec.out_channels)}
         if self.noise_embed is not None:
             p["noise_embed"] = FULL
-        if self.spec.position_embedding:
-            p["position_embed"] = ((POSITION_FEATURES,), spec.conv_in)
-        if self.spec.position_modulation:
-            p["position_film"] = FULL
-        if self.spec.pooled_text:
-            p["pooled_text"] = FULL
-        if self.spec.position_velocity:
-            p["velocity"] = FULL
-            p["moving_position_embed"] = ((POSITION_FEATURES,), spec.conv_in)
+        p.update(self.conditioning.plan(spec))
         for group, specs in (("down", spec.down), ("up", spec.up)):
             for level, level_specs in enumerate(specs):
                 for i, block in enumerate(level_specs):
@@ -194,13 +154,9 @@ class VideoUNet(DynamicModule):
     # -- forward -------------------------------------------------------------------------------------
     def embed(self, timestep: torch.Tensor, noise_level: torch.Tensor | None, batch: int,
               frames: int, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Time (+ noise-augmentation level, + pooled text tokens ``context`` ``(B, L, D)``) embedding
-        ``(B, temb_dim)``; with ``frame_embedding`` ``(B, T, temb_dim)``, the frame's learned vector added.
-
-        Why a frame embedding: temporal convolutions and relative-position attention are (up to the clip's
-        edges) blind to *which* frame they are at, and the first denoising step of a zero-terminal-SNR
-        schedule sees noise that is alike in every frame. Placing an object at ``x0 - v * t`` for a prompted
-        direction needs ``t`` (and *where* a pixel is: see ``position_embedding`` in ``forward``)."""
+        """Time (+ noise-augmentation level) embedding ``(B, temb_dim)``, then the conditioning extras'
+        additions (text tokens ``context`` ``(B, L, D)``): ``(B, temb_dim)`` or per frame
+        ``(B, T, temb_dim)``."""
         t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(-1)
         temb = self.time_embed(get_timestep_embedding(t, self.spec.model_channels, flip_sin_to_cos=True,
                                                       downscale_freq_shift=0).to(self.conv_in.weight.dtype))
@@ -211,49 +167,7 @@ class VideoUNet(DynamicModule):
             emb = get_timestep_embedding(level.float() * 1000, self.spec.model_channels, flip_sin_to_cos=True,
                                          downscale_freq_shift=0)
             temb = temb + self.noise_embed(emb.to(temb.dtype))
-        if self.spec.pooled_text:  # every ResBlock, also those of levels without cross-attention, sees the prompt
-            temb = temb + self.pooled_text(context.mean(dim=1))
-        if self.spec.frame_embedding:
-            if frames > self.spec.max_frames:
-                raise ValueError(f"{frames} frames exceed the model's max_frames {self.spec.max_frames}")
-            temb = temb[:, None, :] + self.frame_embed[:frames]
-        return temb
-
-    def modulated_position(self, height: int, width: int, temb: torch.Tensor) -> torch.Tensor:
-        """The coordinate features ``(1, F, 1, H, W)``; with ``position_modulation``, scaled and shifted per
-        sample and frame by the time embedding ``(B, D)`` or ``(B, T, D)``: ``(B, F, T or 1, H, W)``.
-
-        Why: a "moving left" object sits right of centre early and left of it late, so where it is depends
-        on the product of position, frame and prompt; a shift of the x coordinate by an amount that depends
-        on (frame, prompt) was meant to offer that product, but the amount is a linear map of a SiLU of
-        the *sum* of the frame and prompt embeddings, which forms their product only weakly. It was added
-        when the narrow subnets of the tiny base lagged the largest at following the direction; whether it
-        or the training beside it brought the 40% subnet along was not separated. The space's smallest
-        still ignored the direction: see ``moving_position``."""
-        feats = position_features(height, width, temb.device, temb.dtype)
-        if not self.spec.position_modulation:
-            return feats
-        film = self.position_film(F.silu(temb))  # (B, [T,] 2F)
-        film = film[:, None] if film.dim() == 2 else film
-        scale, shift = film.permute(0, 2, 1)[..., None, None].chunk(2, dim=1)  # (B, F, T', 1, 1) each
-        return feats * (1 + scale) + shift
-
-    def moving_position(self, height: int, width: int, frames: int, context: torch.Tensor) -> torch.Tensor:
-        """The coordinate features in a frame of reference that moves at a velocity read (linearly) from the
-        mean text token of ``context`` ``(B, L, D)``: ``(B, F, T, H, W)``, the offset zero at the clip's
-        middle frame. The velocity is in coordinate units (the frame spans 2) per ``max_frames`` frames.
-
-        Why: a subnet whose only text paths are the pooled prompt and one full-resolution cross-attention
-        (the tiny base's smallest) could not learn from the position embedding and its modulation where a
-        "moving left" object is at frame t: that needs the product of prompt and frame, which those paths
-        form only through a SiLU of their sum: trained alone for 1,200 steps it still moved objects the
-        prompted way in 19% of 32 videos (chance 25%). Here the product is formed explicitly (velocity times
-        frame offset), and the subnet only has to place the object still, in coordinates that move with it,
-        as it already does for colour and shape: the same 1,200 steps with this path took it to 78%."""
-        velocity = self.velocity(context.mean(dim=1))  # (B, 2)
-        tau = (torch.arange(frames, device=velocity.device, dtype=velocity.dtype) - (frames - 1) / 2)
-        offset = velocity[:, :, None] * (tau / self.spec.max_frames)  # (B, 2, T)
-        return position_features(height, width, velocity.device, self.conv_in.weight.dtype, offset=offset)
+        return self.conditioning.time_embedding(temb, context, frames)
 
     def text_context(self, encoder_hidden_states: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         if not self.spec.context_dim:
@@ -280,16 +194,7 @@ class VideoUNet(DynamicModule):
             up = F.interpolate(low_res.transpose(1, 2).reshape(b * t, -1, *low_res.shape[-2:]), size=(h, w),
                                mode="bilinear", align_corners=False)  # (B*T, 3, H, W)
             x = torch.cat([x, up.reshape(b, t, -1, h, w).transpose(1, 2)], dim=1)
-        x = self.conv_in(x, p["conv_in"])
-        if spec.position_embedding:
-            # Why: convolutions are translation-equivariant and the spatial attention has no position, so
-            # from the pure noise of the first zero-terminal-SNR step the network could place an object
-            # where "moving left" puts it at frame t only through the zero padding; without this the tiny
-            # base ignored the direction word. (B, C, T, H, W) + (1 or B, C, 1 or T, H, W).
-            x = x + self.position_embed(self.modulated_position(h, w, temb), p["position_embed"])
-        if spec.position_velocity:
-            moving = self.moving_position(h, w, t, context)
-            x = x + self.moving_position_embed(moving, p["moving_position_embed"])
+        x = self.conditioning.features(self.conv_in(x, p["conv_in"]), temb, context, spec)  # (B, C, T, H, W)
         skips = [x]
         for level, level_specs in enumerate(spec.down):
             for i, block_spec in enumerate(level_specs):

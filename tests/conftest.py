@@ -19,7 +19,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> t
 
 @pytest.fixture(scope="session")
 def tiny_nets():
-    from search_spaces import build_supernet
+    """The ``tiny`` preset of every registered family, with random weights."""
+    from search_spaces import build_supernet, list_families
 
-    return {fam: randomize_(build_supernet(fam, "tiny"), seed=i)
-            for i, fam in enumerate(["pixel-base", "pixel-ssr", "latent-unet"])}
+    return {fam: randomize_(build_supernet(fam, "tiny"), seed=i) for i, fam in enumerate(list_families())}

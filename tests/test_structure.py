@@ -1,7 +1,8 @@
 """The package's shape: no import cycles, no command-line module imported by another module.
 
 Static: the import graph is read from the source (``ast``), every ``import`` counted wherever it stands
-(a function-level import is still a dependency), so ``python -m pytest tests/test_structure.py`` checks it.
+(a function-level import is still a dependency;
+an ``if TYPE_CHECKING:`` import, for annotations only, is not), so ``python -m pytest tests/test_structure.py`` checks it.
 """
 
 import ast
@@ -25,7 +26,13 @@ def _modules() -> dict[str, Path]:
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}  # annotations only: no runtime edge
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         targets = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]

@@ -166,14 +166,11 @@ def test_init_from_a_supernet_saved_without_the_zero_initialised_parts(tmp_path)
     from search_spaces import build_supernet
 
     old = build_supernet("pixel-base", "tiny")
-    old_hyper = dataclasses.replace(old.hyper, frame_embedding=False, pooled_text=False, position_embedding=False,
-                                    position_modulation=False, position_velocity=False)
+    old_hyper = dataclasses.replace(old.hyper, conditioning=())
     old = randomize_(build_supernet("pixel-base", "tiny", hyper=old_hyper))  # gradients reach it
     old.save_pretrained(tmp_path / "old")
     trainer = Trainer(_opts(tmp_path, init=str(tmp_path / "old")))
-    added = (trainer.net.frame_embed, trainer.net.pooled_text.weight, trainer.net.position_embed.weight,
-             trainer.net.position_film.weight, trainer.net.moving_position_embed.weight,
-             trainer.net.velocity.weight)
+    added = [p for n, p in trainer.net.conditioning.named_parameters() if not n.endswith(".bias")]
     assert all(p.count_nonzero() == 0 for p in added)
     assert torch.equal(trainer.net.state_dict()["conv_in.weight"], old.state_dict()["conv_in.weight"])
     trainer.train_step()
@@ -199,3 +196,49 @@ def test_late_timestep_bias_draws_the_noisiest_timesteps_more_often():
     assert 0.4 < late < 0.6  # expected 0.75 / 1.5 = 0.5 (uniform: 0.25)
     with pytest.raises(ValueError, match="portion in \\(0, 1\\] and a positive multiplier"):
         timestep_weights(0.0, 3.0)
+
+
+def _legacy_name(key: str) -> str:
+    from search_spaces.conditioning import legacy_key_map
+
+    for old, new in legacy_key_map().items():
+        if key == new or key.startswith(new + "."):
+            return old + key[len(new):]
+    return key
+
+
+def test_resume_of_a_run_saved_with_legacy_parameter_names_is_bit_exact(tmp_path):
+    """A run checkpointed before the conditioning extras moved under ``conditioning.`` (old parameter
+    names in weights, EMA, optimizer state and its saved groups; old flags in the config) resumes to the
+    same bits as a straight run."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from harness.training.checkpoint import find_checkpoint
+
+    straight = train(_opts(tmp_path / "a", steps=3), progress=False)
+    train(_opts(tmp_path / "b", steps=2), progress=False)
+    ckpt = find_checkpoint(tmp_path / "b" / "run")
+    for name in ("model", "ema", "optimizer"):
+        tensors = load_file(str(ckpt / f"{name}.safetensors"))
+        legacy = {}
+        for k, v in tensors.items():
+            head, dot, tail = k.partition(":") if ":" in k else (k, "", "")
+            legacy[_legacy_name(head) + dot + tail] = v
+        assert legacy.keys() != tensors.keys()
+        save_file(legacy, str(ckpt / f"{name}.safetensors"))
+    training = json.loads((ckpt / "training.json").read_text())
+    for group in training["optimizer"]["param_groups"]:
+        group["param_names"] = [_legacy_name(n) for n in group["param_names"]]
+    (ckpt / "training.json").write_text(json.dumps(training))
+    config = json.loads((ckpt / "config.json").read_text())
+    config["hyper"].update(dict.fromkeys(config["hyper"].pop("conditioning"), True))
+    (ckpt / "config.json").write_text(json.dumps(config))
+
+    resumed = train(_opts(tmp_path / "b", steps=3, resume=True), progress=False)
+    assert resumed.step == 3
+    for (k, a), (_, b) in zip(straight.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert torch.equal(a, b), k
+    sa, sb = straight.optimizer.optimizer_state_tensors(), resumed.optimizer.optimizer_state_tensors()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

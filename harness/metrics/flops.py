@@ -180,10 +180,8 @@ def matmul_flops(by_operator: dict[str, int]) -> int:
 
 
 # -- denoiser and whole-video FLOPs ------------------------------------------------------------------
-def _default_frames(model: nn.Module) -> int:
-    if isinstance(model, Supernet):
-        return model.hyper.frames
-    return int(getattr(model, "frames", 12))
+def _default_frames(model: VideoUNet) -> int:
+    return model.frames
 
 
 def denoiser_inputs(model: VideoUNet, subnet: SubnetConfig | int, frames: int | None = None,

@@ -30,7 +30,7 @@ from harness.models import TextEncoderSpec, load_bundle
 from harness.training.batches import ClipSource, make_batch, step_rng, timestep_weights
 from harness.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from harness.training.masked_optim import MaskedAdamW, MaskedEMA, masked_clip_grad_norm_
-from search_spaces import Supernet, build_supernet
+from search_spaces import Supernet, build_supernet, upgrade_state_dict
 
 
 @dataclass
@@ -257,9 +257,13 @@ class Trainer:
             raise ValueError(f"--resume: {path} holds {cfg['family']}/{cfg['preset']}, not "
                              f"{self.opts.family}/{self.opts.preset}")
         self.net.load_state_dict(ckpt["model"])
-        self.ema.load_state_dict(ckpt["ema"])
-        self.optimizer.load_hyperparameters(ckpt["training"]["optimizer"])
-        self.optimizer.load_optimizer_state_tensors(ckpt["optimizer"])
+        # A run saved before the conditioning extras moved under ``conditioning.`` names them the old way.
+        self.ema.load_state_dict(upgrade_state_dict(ckpt["ema"]))
+        hyper = ckpt["training"]["optimizer"]
+        hyper = {**hyper, "param_groups": [{**g, "param_names": upgrade_state_dict(list(g["param_names"]))}
+                                           for g in hyper["param_groups"]]}
+        self.optimizer.load_hyperparameters(hyper)
+        self.optimizer.load_optimizer_state_tensors(upgrade_state_dict(ckpt["optimizer"]))
         self.step = ckpt["training"]["step"]
         self.history = list(ckpt["training"].get("history_tail", []))
         return True

@@ -273,12 +273,13 @@ class MaskedAdamW(torch.optim.Optimizer):
         return {"param_groups": groups}
 
     def load_hyperparameters(self, hyperparameters: Mapping[str, Any]) -> None:
-        """Restore group settings saved by ``hyperparameters`` (groups must list the same names)."""
+        """Restore group settings saved by ``hyperparameters`` (groups must hold the same names; their order
+        may differ: state is keyed by name)."""
         saved = hyperparameters["param_groups"]
         if len(saved) != len(self.param_groups):
             raise ValueError(f"{len(saved)} saved param groups, optimizer has {len(self.param_groups)}")
         for group, entry in zip(self.param_groups, saved, strict=True):
-            if list(entry["param_names"]) != list(group["param_names"]):
+            if set(entry["param_names"]) != set(group["param_names"]):
                 raise ValueError("saved param group lists different parameter names")
             for key, value in entry.items():
                 if key != "param_names":

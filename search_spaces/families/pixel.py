@@ -12,21 +12,22 @@ from __future__ import annotations
 
 from ..blocks import ATTENTIONS
 from ..plan import UNetHyper
+from ..priors import moving_shapes  # noqa: F401  (registers the position priors the tiny base lists)
 from ..registry import register_family
 
 TEMPORAL = ("temporal_self", "temporal_cross")
 
 BASE_PRESETS = {
     # Trainable on 2 CPU cores: ~1M parameters, 12 frames, 16px; attention at the 8px level and the middle.
-    # Beyond the paper (see VideoUNet), so that it can follow "moving left/right/...": a frame embedding,
-    # the pooled prompt in the time embedding (as Imagen; level 0 has no cross-attention) and an embedding
-    # of the pixel coordinates after conv_in, modulated per frame by the time embedding, and one of
-    # coordinates that move at a velocity read from the prompt.
+    # Beyond the paper, so that it can follow "moving left/right/...": a frame embedding and the pooled
+    # prompt in the time embedding (as Imagen; level 0 has no cross-attention), and the position priors of
+    # the built-in moving-shapes data (search_spaces.priors.moving_shapes).
     "tiny": UNetHyper(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                       attentions=((), ATTENTIONS), mid_attentions=ATTENTIONS, head_dim=8, ff_mult=2,
                       group_size=4, context_dim=384, context_len=8, frames=12, max_frames=16,
-                      frame_embedding=True, pooled_text=True, position_embedding=True,
-                      position_modulation=True, position_velocity=True, resolutions=(16,), size_caps=(1.0,)),
+                      conditioning=("frame_embedding", "pooled_text", "position_embedding",
+                                    "position_modulation", "position_velocity"),
+                      resolutions=(16,), size_caps=(1.0,)),
     # Paper scale (~1.6B parameters): 64px base of the SNED pixel chain, T5-XXL-sized text tokens.
     "paper": UNetHyper(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=3,
                        attentions=(TEMPORAL, ATTENTIONS, ATTENTIONS, ATTENTIONS), mid_blocks=2,
