@@ -1,5 +1,10 @@
-"""Searchers: Optuna samplers and a native evolutionary searcher behind one small interface."""
+"""Searchers: Optuna samplers and a native evolutionary searcher behind one small interface.
 
-from harness.searchers.base import SEARCHERS, Searcher, make_searcher
+``base.Searcher`` is the interface and its contract; ``registry`` maps names to implementations
+(``optuna_searcher.OptunaSearcher``, ``evolution.EvolutionSearcher``).
+"""
 
-__all__ = ["SEARCHERS", "Searcher", "make_searcher"]
+from harness.searchers.base import Searcher
+from harness.searchers.registry import REGISTRY, SEARCHERS, make_searcher, searcher_class, study_sampler
+
+__all__ = ["REGISTRY", "SEARCHERS", "Searcher", "make_searcher", "searcher_class", "study_sampler"]

@@ -10,7 +10,9 @@ from search_spaces import SearchSpace, SubnetConfig
 
 def _space_distributions(prefix: str, space: SearchSpace) -> dict[str, CategoricalDistribution]:
     out = {f"{prefix}:{name}": CategoricalDistribution(list(space.ratios)) for name in space.layers}
-    out.update({f"{prefix}:keep:{b}:{c}": CategoricalDistribution([True, False]) for b, c in space.droppable()})
+    out.update(
+        {f"{prefix}:keep:{b}:{c}": CategoricalDistribution([True, False]) for b, c in space.droppable()}
+    )
     return out
 
 
@@ -52,8 +54,9 @@ def project_to_cap(space: SearchSpace, cfg: SubnetConfig) -> SubnetConfig:
 class CandidateEncoding:
     """Maps candidates of one search (base, or base + SSR chain at ``resolution``) to Optuna params."""
 
-    def __init__(self, base_space: SearchSpace, ssr_space: SearchSpace | None, resolution: int,
-                 base_resolution: int):
+    def __init__(
+        self, base_space: SearchSpace, ssr_space: SearchSpace | None, resolution: int, base_resolution: int
+    ):
         self.base_space, self.ssr_space = base_space, ssr_space
         self.resolution, self.base_resolution = resolution, base_resolution
         self.chain = resolution != base_resolution
@@ -71,7 +74,9 @@ class CandidateEncoding:
         return out
 
     def decode(self, params: dict) -> Candidate:
-        base = project_to_cap(self.base_space, _config_from("base", self.base_space, params, self.base_resolution))
+        base = project_to_cap(
+            self.base_space, _config_from("base", self.base_space, params, self.base_resolution)
+        )
         if not self.chain:
             return Candidate(base)
         ssr = _config_from("ssr", self.ssr_space, params, self.resolution)
@@ -80,6 +85,7 @@ class CandidateEncoding:
         return Candidate(base, ssr)
 
     def suggest(self, trial) -> Candidate:
-        params = {name: trial.suggest_categorical(name, dist.choices)
-                  for name, dist in self.distributions().items()}
+        params = {
+            name: trial.suggest_categorical(name, dist.choices) for name, dist in self.distributions().items()
+        }
         return self.decode(params)

@@ -3,9 +3,11 @@
 A population of candidates is bred with the search space's own ``mutate`` and ``crossover``; parents are
 selected NSGA-II style — feasible before infeasible (by total constraint violation), then by
 non-dominated rank (``moocore.is_nondominated``, peeled front by front) and crowding distance; binary
-tournaments pick the parents of each child. Every evaluated candidate is added to the Optuna study
-(``study.add_trial``), so evolution and Optuna samplers sit side by side in one store, and a resumed
-search rebuilds its population from the study.
+tournaments pick the parents of each child. Each bred candidate is queued in the Optuna study
+(``study.enqueue_trial``) just before it is asked, so its trial is RUNNING while it is measured, exactly
+as an Optuna sampler's (``StudySearcher``); evolution and the Optuna samplers sit side by side in one
+store, and every generation reads its population back from the study, so a resumed search (or another
+worker's evolution trials) feeds the next one.
 """
 
 from __future__ import annotations
@@ -16,20 +18,19 @@ from dataclasses import dataclass
 import moocore
 import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from harness.candidates import Candidate
-from harness.searchers.base import Searcher
 from harness.searchers.encoding import CandidateEncoding, project_to_cap
-
-CONSTRAINTS_KEY = "constraints"  # Optuna's system attr for trial.set_constraint values
+from harness.searchers.optuna_searcher import StudySearcher
+from search_spaces import SearchSpace, SubnetConfig
 
 
 @dataclass
 class Individual:
     candidate: Candidate
-    values: np.ndarray     # objectives (minimised)
-    violation: float       # sum of positive constraint values (0 = feasible)
+    values: np.ndarray  # objectives (minimised)
+    violation: float  # sum of positive constraint values (0 = feasible)
 
 
 def nondominated_ranks(values: np.ndarray) -> np.ndarray:
@@ -77,91 +78,107 @@ def select(population: list[Individual], k: int) -> list[Individual]:
     return (chosen + infeasible)[:k]
 
 
-class EvolutionSearcher(Searcher):
-    name = "evolution"
+def violation(trial: FrozenTrial) -> float:
+    """Total constraint violation of a told trial (0 = feasible)."""
+    return float(sum(max(c, 0.0) for c in trial.constraints.values()))
 
-    def __init__(self, study: optuna.Study, encoding: CandidateEncoding, spaces, seed: int = 0,
-                 directions: int = 2, population: int = 10, mutate_prob: float = 0.2,
-                 crossover_prob: float = 0.5, max_tries: int = 50):
-        self.study, self.encoding = study, encoding
-        self.base_space, self.ssr_space = spaces
+
+class EvolutionSearcher(StudySearcher):
+    """NSGA-II-style evolution of ``population`` candidates per generation (see the module docstring)."""
+
+    names = ("evolution",)
+
+    def __init__(
+        self,
+        name: str,
+        study: optuna.Study,
+        encoding: CandidateEncoding,
+        spaces: tuple[SearchSpace, SearchSpace | None],
+        seed: int = 0,
+        population: int = 10,
+        mutate_prob: float = 0.2,
+        crossover_prob: float = 0.5,
+        max_tries: int = 50,
+    ):
+        super().__init__(name, study, encoding, spaces, seed)
         self.rng = np.random.default_rng(seed)
         self.population_size, self.mutate_prob, self.crossover_prob = population, mutate_prob, crossover_prob
         self.max_tries = max_tries
-        self.signs = np.array([1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0
-                               for d in study.directions])
+        self.signs = np.array(
+            [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in study.directions]
+        )
         self.pending: deque[Candidate] = deque()
         self.seen: set[str] = set()
         self.evaluated: list[Individual] = []
-        self._load_history()
 
-    def _load_history(self) -> None:
-        """Rebuild the evaluated set from this searcher's trials in the study (resume)."""
-        for t in self.study.get_trials(deepcopy=False):
-            key, text = t.user_attrs.get("candidate_key"), t.user_attrs.get("candidate")
-            if key:
-                self.seen.add(key)
-            if t.user_attrs.get("searcher") == self.name and t.state == TrialState.COMPLETE and text:
-                cons = t.system_attrs.get(CONSTRAINTS_KEY) or []
-                self.evaluated.append(Individual(Candidate.from_json(text), np.array(t.values) * self.signs,
-                                                 float(sum(max(c, 0.0) for c in cons))))
+    @classmethod
+    def study_sampler(cls, name: str, seed: int) -> optuna.samplers.BaseSampler:
+        """Every candidate of this searcher is queued with all its parameters fixed before it is asked,
+        so the study's sampler never draws a value: a seeded ``RandomSampler`` is the inert choice."""
+        return optuna.samplers.RandomSampler(seed=seed)
+
+    def _sync(self) -> None:
+        """Read the candidates already in the study and this searcher's completed trials (the population
+        to breed from) back from the study: this run's, a resumed run's and other workers'."""
+        trials = self.study.get_trials(deepcopy=False)
+        self.seen = {t.user_attrs["candidate_key"] for t in trials if "candidate_key" in t.user_attrs}
+        self.evaluated = [
+            Individual(
+                Candidate.from_json(t.user_attrs["candidate"]), np.array(t.values) * self.signs, violation(t)
+            )
+            for t in trials
+            if t.state == TrialState.COMPLETE
+            and t.user_attrs.get("searcher") == self.name
+            and "candidate" in t.user_attrs
+        ]
 
     # -- breeding ------------------------------------------------------------------------------------
+    def _chain(self, base: SubnetConfig, ssr: SubnetConfig | None) -> Candidate:
+        if not self.encoding.chain:
+            return Candidate(base)
+        return Candidate(base, project_to_cap(self.ssr_space, ssr))
+
     def _random(self) -> Candidate:
         e = self.encoding
         base = self.base_space.sample(self.rng, resolution=e.base_resolution)
-        if not e.chain:
-            return Candidate(base)
-        return Candidate(base, project_to_cap(self.ssr_space, self.ssr_space.sample(self.rng, resolution=e.resolution)))
+        return self._chain(
+            base, self.ssr_space.sample(self.rng, resolution=e.resolution) if e.chain else None
+        )
 
     def _tournament(self, parents: list[Individual]) -> Individual:
         i, j = self.rng.choice(len(parents), size=2, replace=len(parents) < 2)
         return parents[min(i, j)]  # parents are sorted best-first by ``select``
 
-    def _child(self, a: Individual, b: Individual) -> Candidate:
-        def breed(space, x, y):
+    def _child(self, parents: list[Individual]) -> Candidate:
+        a, b = self._tournament(parents), self._tournament(parents)
+
+        def breed(space: SearchSpace, x: SubnetConfig, y: SubnetConfig) -> SubnetConfig:
             child = space.crossover(x, y, self.rng) if self.rng.random() < self.crossover_prob else x
             return space.mutate(child, self.rng, self.mutate_prob)
 
         base = breed(self.base_space, a.candidate.base, b.candidate.base)
-        if not self.encoding.chain:
-            return Candidate(base)
-        return Candidate(base, project_to_cap(self.ssr_space,
-                                              breed(self.ssr_space, a.candidate.ssr, b.candidate.ssr)))
+        ssr = breed(self.ssr_space, a.candidate.ssr, b.candidate.ssr) if self.encoding.chain else None
+        return self._chain(base, ssr)
+
+    def _novel(self, parents: list[Individual]) -> Candidate:
+        """A candidate not yet in the study: children first, then random ones (a converged population),
+        and a repeat only when ``2 * max_tries`` draws found nothing new."""
+        for i in range(2 * self.max_tries):
+            cand = self._child(parents) if len(parents) >= 2 and i < self.max_tries else self._random()
+            if cand.key not in self.seen:
+                break
+        self.seen.add(cand.key)
+        return cand
 
     def _breed(self) -> None:
+        self._sync()
         parents = select(self.evaluated, self.population_size)
-        for _ in range(self.population_size):
-            for _ in range(self.max_tries):
-                cand = self._random() if len(parents) < 2 else self._child(self._tournament(parents),
-                                                                           self._tournament(parents))
-                if cand.key not in self.seen:
-                    break
-            self.seen.add(cand.key)
-            self.pending.append(cand)
+        self.pending.extend(self._novel(parents) for _ in range(self.population_size))
 
-    # -- ask / tell ----------------------------------------------------------------------------------
-    def ask(self) -> tuple[Candidate, object]:
+    def _queue_next(self) -> None:
+        """Queue the next bred candidate, unless a queued trial (an anchor, say) is waiting to go first."""
+        if self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return
         if not self.pending:
             self._breed()
-        cand = self.pending.popleft()
-        return cand, cand
-
-    def tell(self, handle, values, constraints=None, error=None, attrs=None) -> int:
-        cand: Candidate = handle
-        user_attrs = {"searcher": self.name, "candidate_key": cand.key, "candidate": cand.to_json(), **(attrs or {})}
-        system_attrs = {}
-        if constraints:
-            system_attrs[CONSTRAINTS_KEY] = [float(c) for c in constraints]
-        failed = error is not None or values is None
-        if failed:
-            user_attrs.update(error=error or "no values", measurement_failed=True)
-        trial = optuna.trial.create_trial(
-            params=self.encoding.params(cand), distributions=self.encoding.distributions(),
-            values=None if failed else list(values), state=TrialState.FAIL if failed else TrialState.COMPLETE,
-            user_attrs=user_attrs, system_attrs=system_attrs)
-        self.study.add_trial(trial)
-        if not failed:
-            violation = float(sum(max(c, 0.0) for c in (constraints or [])))
-            self.evaluated.append(Individual(cand, np.array(values) * self.signs, violation))
-        return len(self.study.get_trials(deepcopy=False)) - 1
+        self._enqueue(self.pending.popleft())
