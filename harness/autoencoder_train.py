@@ -197,12 +197,16 @@ def main(argv=None) -> None:
     from harness.data import build_dataset
     from harness.training.batches import ClipSource
 
-    p = argparse.ArgumentParser(prog="python -m harness.autoencoder_train",
-                                description="Train a video autoencoder with super-position over resolutions.")
+    p = argparse.ArgumentParser(
+        prog="python -m harness.autoencoder_train",
+        description="Train a video autoencoder with super-position over resolutions.",
+    )
     p.add_argument("--preset", default="tiny", help="autoencoder preset (tiny, paper)")
     p.add_argument("--data", default="synthetic", help="'synthetic' (built in, offline) or a dataset folder")
     p.add_argument("--num-videos", type=int, default=1024, help="synthetic train-set size")
-    p.add_argument("--frames", type=int, default=16, help="frames per clip (divisible by the temporal stride)")
+    p.add_argument(
+        "--frames", type=int, default=16, help="frames per clip (divisible by the temporal stride)"
+    )
     p.add_argument("--resolutions", default="32,64", help="comma-separated training resolutions in pixels")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=4, help="clips per step")
@@ -215,18 +219,35 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
-    source = ClipSource(build_dataset(args.data, "train", frames=args.frames, resolution=max(resolutions),
-                                      seed=args.seed,
-                                      num_videos=args.num_videos if args.data == "synthetic" else None))
+    source = ClipSource(
+        build_dataset(
+            args.data,
+            "train",
+            frames=args.frames,
+            resolution=max(resolutions),
+            seed=args.seed,
+            num_videos=args.num_videos if args.data == "synthetic" else None,
+        )
+    )
     rng = np.random.default_rng(args.seed)
 
     def batch(resolution: int) -> torch.Tensor:
         indices = rng.integers(0, len(source), size=args.batch)
         return torch.stack([source.clip(int(i), resolution) for i in indices])
 
-    run = train_autoencoder(batch, resolutions, args.steps, args.out, preset=args.preset, lr=args.lr,
-                            kl_weight=args.kl_weight, seed=args.seed, log_every=10,
-                            save_every=max(1, args.steps // 10), progress=True)
+    run = train_autoencoder(
+        batch,
+        resolutions,
+        args.steps,
+        args.out,
+        preset=args.preset,
+        lr=args.lr,
+        kl_weight=args.kl_weight,
+        seed=args.seed,
+        log_every=10,
+        save_every=max(1, args.steps // 10),
+        progress=True,
+    )
     print(f"trained {args.steps} steps (last loss {run.losses[-1]:.4f}); autoencoder at {args.out}")
 
 

@@ -68,19 +68,30 @@ def latency(threads: int, n_configs: int = 10, min_run_time: float = 0.3) -> dic
     for _ in range(n_configs):
         sliced, static = _latency_pair(net, net.space.sample(rng), threads, min_run_time)
         ratios.append(sliced / static)
-    big = measure_latency(net.extract(net.space.largest()), net.dummy_inputs(None, 2), threads=threads,
-                          min_run_time=min_run_time).median_ms
+    big = measure_latency(
+        net.extract(net.space.largest()),
+        net.dummy_inputs(None, 2),
+        threads=threads,
+        min_run_time=min_run_time,
+    ).median_ms
     small_cfg = net.space.subnet_at_fraction(0.4)
-    small = measure_latency(net.extract(small_cfg), net.dummy_inputs(small_cfg, 2), threads=threads,
-                            min_run_time=min_run_time).median_ms
+    small = measure_latency(
+        net.extract(small_cfg), net.dummy_inputs(small_cfg, 2), threads=threads, min_run_time=min_run_time
+    ).median_ms
     q1, q3 = np.percentile(ratios, [25, 75])
-    return {"latency/sliced_over_static_median": (statistics.median(ratios), "max", 1.25),
-            "latency/sliced_over_static_iqr": (float(q3 - q1), "info", 0.0),
-            "latency/speedup_100_over_40": (big / small, "min", 1.2)}
+    return {
+        "latency/sliced_over_static_median": (statistics.median(ratios), "max", 1.25),
+        "latency/sliced_over_static_iqr": (float(q3 - q1), "info", 0.0),
+        "latency/speedup_100_over_40": (big / small, "min", 1.2),
+    }
 
 
 def _train_step_time(model, forward, params, masks, repeats: int = 3) -> float:
-    opt = MaskedAdamW(params, lr=1e-4) if masks is not None else torch.optim.AdamW([p for _, p in params], lr=1e-4)
+    opt = (
+        MaskedAdamW(params, lr=1e-4)
+        if masks is not None
+        else torch.optim.AdamW([p for _, p in params], lr=1e-4)
+    )
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -102,10 +113,18 @@ def training(threads: int, n_configs: int = 6, batch: int = 4) -> dict:
         cfg = net.space.sample(rng)
         inputs = net.dummy_inputs(cfg, batch_size=batch)
         static = net.extract(cfg)
-        t_super = _train_step_time(net, lambda inputs=inputs, cfg=cfg: net(**inputs, subnet=cfg),
-                                   list(net.named_parameters()), lambda m, cfg=cfg: m.active_regions(cfg))
-        t_static = _train_step_time(static, lambda static=static, inputs=inputs: static(**inputs),
-                                    list(static.named_parameters()), None)
+        t_super = _train_step_time(
+            net,
+            lambda inputs=inputs, cfg=cfg: net(**inputs, subnet=cfg),
+            list(net.named_parameters()),
+            lambda m, cfg=cfg: m.active_regions(cfg),
+        )
+        t_static = _train_step_time(
+            static,
+            lambda static=static, inputs=inputs: static(**inputs),
+            list(static.named_parameters()),
+            None,
+        )
         ratios.append(t_super / t_static)
     return {"training/super_over_static_step_median": (statistics.median(ratios), "max", 1.35)}
 
@@ -119,14 +138,21 @@ def quality() -> dict:
 
     base = load_bundle(DEFAULT_BASE)
     settings = MeasureSettings(fvd_videos=16, real_videos=128, steps=8, seed=0, checks=("motion_alignment",))
-    metric = FrechetQuality(Generation(base, None, settings.steps, settings.guidance), base.text_encoder.load(),
-                            settings)
+    metric = FrechetQuality(
+        Generation(base, None, settings.steps, settings.guidance), base.text_encoder.load(), settings
+    )
     out = {}
-    for name, cfg in (("largest", base.supernet.space.largest()), ("p40", base.supernet.space.subnet_at_fraction(0.4))):
+    for name, cfg in (
+        ("largest", base.supernet.space.largest()),
+        ("p40", base.supernet.space.subnet_at_fraction(0.4)),
+    ):
         values, extra = metric.compute(Candidate(cfg))  # FVD and motion from the same videos
         out[f"quality/{name}/fvd16_proxy"] = (values["fvd"], "rel", 0.05)
-        out[f"quality/{name}/motion_alignment16"] = (extra["checks"]["motion_alignment"]["fraction"], "min",
-                                                     MOTION_FLOOR[name])
+        out[f"quality/{name}/motion_alignment16"] = (
+            extra["checks"]["motion_alignment"]["fraction"],
+            "min",
+            MOTION_FLOOR[name],
+        )
     return out
 
 
@@ -146,8 +172,9 @@ def verdict(kind: str, tol: float, baseline: float | None, current: float) -> st
 
 
 def tolerance_text(kind: str, tol: float) -> str:
-    return {"exact": "exact", "rel": f"±{tol:.0%}", "max": f"<= {tol:g}", "min": f">= {tol:g}",
-            "info": "-"}[kind]
+    return {"exact": "exact", "rel": f"±{tol:.0%}", "max": f"<= {tol:g}", "min": f">= {tol:g}", "info": "-"}[
+        kind
+    ]
 
 
 def main(argv=None) -> None:
@@ -163,8 +190,12 @@ def main(argv=None) -> None:
         raise FileNotFoundError(f"the quality group needs the shipped supernet at {DEFAULT_BASE}")
     torch.set_num_threads(args.threads)
     figures: dict = {}
-    runners = {"counts": counts, "latency": lambda: latency(args.threads),
-               "training": lambda: training(args.threads), "quality": quality}
+    runners = {
+        "counts": counts,
+        "latency": lambda: latency(args.threads),
+        "training": lambda: training(args.threads),
+        "quality": quality,
+    }
     for g in groups:
         figures.update(runners[g]())
     path = Path(args.baselines)
@@ -174,15 +205,27 @@ def main(argv=None) -> None:
         base = baselines.get(name, {}).get("value")
         v = verdict(kind, tol, base, float(value))
         failed |= v == "REGRESSION"
-        rows.append({"metric": name, "baseline": base, "current": float(value), "tolerance": tolerance_text(kind, tol),
-                     "verdict": v})
+        rows.append(
+            {
+                "metric": name,
+                "baseline": base,
+                "current": float(value),
+                "tolerance": tolerance_text(kind, tol),
+                "verdict": v,
+            }
+        )
     width = max(len(r["metric"]) for r in rows)
     print(f"{'metric':<{width}}  {'baseline':>14}  {'current':>14}  {'tolerance':>10}  verdict")
     for r in rows:
         b = "-" if r["baseline"] is None else f"{r['baseline']:.6g}"
         print(f"{r['metric']:<{width}}  {b:>14}  {r['current']:>14.6g}  {r['tolerance']:>10}  {r['verdict']}")
-    report = {"device": device_description("cpu"), "threads": args.threads, "torch": torch.__version__,
-              "rows": rows, "regression": failed}
+    report = {
+        "device": device_description("cpu"),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "rows": rows,
+        "regression": failed,
+    }
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     Path(args.report).write_text(json.dumps(report, indent=1))
     if args.update:

@@ -24,8 +24,12 @@ class Candidate:
     def to_dict(self) -> dict:
         if self.ssr is None:
             return self.base.to_dict()
-        return {"format": CHAIN_FORMAT, "resolution": self.resolution, "base": self.base.to_dict(),
-                "ssr": self.ssr.to_dict()}
+        return {
+            "format": CHAIN_FORMAT,
+            "resolution": self.resolution,
+            "base": self.base.to_dict(),
+            "ssr": self.ssr.to_dict(),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -61,8 +65,10 @@ class Candidate:
         parts = self.base.describe(base.space.param_fraction(self.base))
         if self.ssr is None:
             return parts
-        return (f"{self.param_fraction(base, ssr):.0%} params, {self.resolution}px chain: base "
-                f"[{parts}] + SSR [{self.ssr.describe(ssr.space.param_fraction(self.ssr))}]")
+        return (
+            f"{self.param_fraction(base, ssr):.0%} params, {self.resolution}px chain: base "
+            f"[{parts}] + SSR [{self.ssr.describe(ssr.space.param_fraction(self.ssr))}]"
+        )
 
     def validate(self, base: Supernet, ssr: Supernet | None) -> Candidate:
         base.space.validate(self.base)

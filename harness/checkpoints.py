@@ -39,7 +39,9 @@ def _trained_steps(directory: str | Path) -> int | None:
     return steps + before if steps is not None and before is not None else steps
 
 
-def export_supernet(run_or_checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+def export_supernet(
+    run_or_checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float16
+) -> Path:
     """Write a training run's EMA supernet as a shippable ``save_pretrained`` directory (fp16 by default)."""
     from harness.latent import FOLDER
     from search_spaces.unet import save_module
@@ -48,9 +50,12 @@ def export_supernet(run_or_checkpoint: str | Path, out: str | Path, dtype: torch
     net = bundle.supernet
     meta = json.loads((bundle.directory / "training.json").read_text())
     schedule = NoiseSchedule.from_dict(meta.get("noise_schedule"))
-    config = net.config_dict() | {"text_encoder_name": meta["options"]["text_encoder"],
-                                  "trained_steps": meta["step"], "text_encoder": meta["text_encoder"],
-                                  "noise_schedule": schedule.to_dict()}
+    config = net.config_dict() | {
+        "text_encoder_name": meta["options"]["text_encoder"],
+        "trained_steps": meta["step"],
+        "text_encoder": meta["text_encoder"],
+        "noise_schedule": schedule.to_dict(),
+    }
     if meta.get("init"):  # trained further from another supernet: its steps come on top of these
         config["init"] = meta["init"] | {"trained_steps": _trained_steps(meta["init"]["path"])}
     save_module(net.to(dtype), out, config)

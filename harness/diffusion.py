@@ -43,9 +43,13 @@ class NoiseSchedule:
             raise ValueError("epsilon prediction is undefined at zero terminal SNR; use v_prediction")
 
     def _kwargs(self) -> dict:
-        return {"num_train_timesteps": NUM_TRAIN_TIMESTEPS, "beta_schedule": self.beta_schedule,
-                "prediction_type": self.prediction, "clip_sample": False,
-                "rescale_betas_zero_snr": self.zero_terminal_snr}
+        return {
+            "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+            "beta_schedule": self.beta_schedule,
+            "prediction_type": self.prediction,
+            "clip_sample": False,
+            "rescale_betas_zero_snr": self.zero_terminal_snr,
+        }
 
     def train_scheduler(self) -> DDPMScheduler:
         """The training scheduler (``add_noise``, ``get_velocity``): built once per schedule and shared,
@@ -56,8 +60,9 @@ class NoiseSchedule:
         if self.zero_terminal_snr:  # start at t = 999 (pure noise) and end on the clean sample
             sched = DDIMScheduler(**self._kwargs(), set_alpha_to_one=True, timestep_spacing="trailing")
         else:  # not t=999: x0 from eps blows up there
-            sched = DDIMScheduler(**self._kwargs(), set_alpha_to_one=False, timestep_spacing="leading",
-                                  steps_offset=1)
+            sched = DDIMScheduler(
+                **self._kwargs(), set_alpha_to_one=False, timestep_spacing="leading", steps_offset=1
+            )
         sched.set_timesteps(steps)
         return sched
 
@@ -87,8 +92,10 @@ def _train_scheduler(schedule: NoiseSchedule) -> DDPMScheduler:
     return DDPMScheduler(**schedule._kwargs())
 
 
-SCHEDULES = {"eps-cosine": NoiseSchedule(),
-             "v-zero-snr": NoiseSchedule("v_prediction", zero_terminal_snr=True)}
+SCHEDULES = {
+    "eps-cosine": NoiseSchedule(),
+    "v-zero-snr": NoiseSchedule("v_prediction", zero_terminal_snr=True),
+}
 EPS_COSINE, ZERO_SNR_V = SCHEDULES["eps-cosine"], SCHEDULES["v-zero-snr"]
 
 
@@ -122,10 +129,19 @@ def noise_augment(low_res: torch.Tensor, level: torch.Tensor, generator: torch.G
 
 
 @torch.no_grad()
-def ddim_sample(denoiser: Callable, shape: tuple[int, ...], context: torch.Tensor | None,
-                null: torch.Tensor | None, steps: int = 20, guidance: float = 3.0,
-                generator: torch.Generator | None = None, progress: Callable | None = None,
-                clip: bool = True, schedule: NoiseSchedule = EPS_COSINE, **conditioning) -> torch.Tensor:
+def ddim_sample(
+    denoiser: Callable,
+    shape: tuple[int, ...],
+    context: torch.Tensor | None,
+    null: torch.Tensor | None,
+    steps: int = 20,
+    guidance: float = 3.0,
+    generator: torch.Generator | None = None,
+    progress: Callable | None = None,
+    clip: bool = True,
+    schedule: NoiseSchedule = EPS_COSINE,
+    **conditioning,
+) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance: ``out = out_null + g * (out_text - out_null)`` on the
     denoiser's output (epsilon or v, as ``schedule`` says).
 

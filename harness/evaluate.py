@@ -1,6 +1,6 @@
 """``python -m harness.evaluate``: measure one subnet (or base + SSR chain) and record it in the store.
 
-    python -m harness.evaluate --subnet cfg.json --metrics flops,params,latency,fvd,kvd
+python -m harness.evaluate --subnet cfg.json --metrics flops,params,latency,fvd,kvd
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ from search_spaces import SubnetConfig, Supernet
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--subnet", default=None, help="base subnet config JSON file (default: the largest)")
-    p.add_argument("--fraction", type=float, default=None, help="instead of --subnet: the balanced subnet "
-                   "nearest this fraction of the supernet's parameters (e.g. 0.4)")
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help="instead of --subnet: the balanced subnet "
+        "nearest this fraction of the supernet's parameters (e.g. 0.4)",
+    )
     p.add_argument("--ssr-subnet", default=None, help="SSR subnet config JSON (its resolution = output)")
     p.add_argument("--metrics", default="params,flops,latency,fvd,kvd", help="comma-separated metrics")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="store URL (default results/harness.db)")
@@ -54,8 +59,10 @@ def print_quality_details(extra: dict) -> None:
     if by_attribute:
         print("text alignment by attribute: " + ", ".join(f"{k} {v:.2f}" for k, v in by_attribute.items()))
     for name, result in (extra.get("checks") or {}).items():
-        print(f"{name}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in result.items()))
+        print(
+            f"{name}: "
+            + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+        )
 
 
 def main(argv=None) -> None:
@@ -66,8 +73,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     base = load_bundle(args.checkpoint)
     net = base.supernet  # extracted subnets are measured through their supernet
-    cfg = (_config(args.subnet, net) if args.subnet else
-           net.space.subnet_at_fraction(args.fraction) if args.fraction else net.space.largest())
+    cfg = (
+        _config(args.subnet, net)
+        if args.subnet
+        else net.space.subnet_at_fraction(args.fraction)
+        if args.fraction
+        else net.space.largest()
+    )
     ssr, cand = None, Candidate(cfg)
     if args.ssr_subnet:
         ssr = load_bundle(args.ssr_checkpoint)
@@ -81,12 +93,15 @@ def main(argv=None) -> None:
     store = Store.open(url)
     measurer = Measurer(base, ssr, text, settings, store, predictors=predictors, extractor=extractor)
     values = measurer.measure(cand, metrics)
-    print(f"{cand.describe(net, ssr.supernet if ssr else None)}  (key {cand.key[:12]}, recorded in "
-          f"{redact_url(url)})")
+    print(
+        f"{cand.describe(net, ssr.supernet if ssr else None)}  (key {cand.key[:12]}, recorded in "
+        f"{redact_url(url)})"
+    )
     print_values(metrics, values)
     if quality:
-        row = store.find_measurement(measurer.candidate_id(cand), "fvd", measurer.quality.protocol(cand),
-                                     measurer.quality.device)
+        row = store.find_measurement(
+            measurer.candidate_id(cand), "fvd", measurer.quality.protocol(cand), measurer.quality.device
+        )
         extra = json.loads(row.extra) if isinstance(row.extra, str) else row.extra
         print_quality_details(extra or {})
         print(f"FVD/KVD extractor: {extractor.name}; latency per generated video on {measurer.device_name}")

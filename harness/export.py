@@ -57,11 +57,22 @@ def main(argv=None) -> None:
         ssr = load_bundle(args.ssr_checkpoint or study.user_attrs["ssr_checkpoint"])
         save_static(ssr.supernet.extract(cand.ssr), out / "ssr", extra=ssr.provenance())
         written.append(out / "ssr")
-    (out / "candidate.json").write_text(json.dumps(
-        {"candidate": cand.to_dict(), "study": args.study, "trial": args.trial, "values": trial.values,
-         "metrics": trial.user_attrs.get("metrics", {})}, indent=1))
-    print(f"exported trial {args.trial} ({trial.user_attrs.get('description', '')}) to "
-          f"{', '.join(str(w) for w in written)}")
+    (out / "candidate.json").write_text(
+        json.dumps(
+            {
+                "candidate": cand.to_dict(),
+                "study": args.study,
+                "trial": args.trial,
+                "values": trial.values,
+                "metrics": trial.user_attrs.get("metrics", {}),
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"exported trial {args.trial} ({trial.user_attrs.get('description', '')}) to "
+        f"{', '.join(str(w) for w in written)}"
+    )
 
 
 if __name__ == "__main__":

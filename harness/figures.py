@@ -191,12 +191,20 @@ def plot_training_logs(logs: Sequence[str | Path], path: str | Path) -> Path:
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         steps = np.array([r["step"] for r in rows])
         loss = np.array([r["Loss/train"] for r in rows])
-        line, = ax.plot(steps, loss, alpha=0.25, lw=0.8)
+        (line,) = ax.plot(steps, loss, alpha=0.25, lw=0.8)
         k = min(50, len(loss))
-        ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color=line.get_color(),
-                label=f"{log.parent.name} (running mean of {k})")
-    ax.set(xlabel="step", ylabel="training loss (MSE to the run's target: eps, v or teacher)", yscale="log",
-           title="supernet training loss")
+        ax.plot(
+            steps[k - 1 :],
+            np.convolve(loss, np.ones(k) / k, mode="valid"),
+            color=line.get_color(),
+            label=f"{log.parent.name} (running mean of {k})",
+        )
+    ax.set(
+        xlabel="step",
+        ylabel="training loss (MSE to the run's target: eps, v or teacher)",
+        yscale="log",
+        title="supernet training loss",
+    )
     ax.legend(fontsize=8)
     _save(fig, path)
     return Path(path)

@@ -24,8 +24,13 @@ FOLDER = "autoencoder"
 class LatentCodec:
     """Video ``(B, 3, T, H, W)`` in [-1, 1] <-> latents ``(B, z, T / d_t, H / d_h, W / d_w)`` of unit std."""
 
-    def __init__(self, autoencoder: VideoAutoencoder, scale: float, source: str | None = None,
-                 directory: Path | None = None):
+    def __init__(
+        self,
+        autoencoder: VideoAutoencoder,
+        scale: float,
+        source: str | None = None,
+        directory: Path | None = None,
+    ):
         self.autoencoder = autoencoder.eval()
         self.scale = float(scale)
         self.source = source  # where the autoencoder came from (recorded with results)
@@ -56,7 +61,9 @@ class LatentCodec:
         return self.autoencoder.decode(latents / self.scale).clamp(-1, 1)
 
     @classmethod
-    def fit(cls, autoencoder: VideoAutoencoder, videos: torch.Tensor, source: str | None = None) -> LatentCodec:
+    def fit(
+        cls, autoencoder: VideoAutoencoder, videos: torch.Tensor, source: str | None = None
+    ) -> LatentCodec:
         """Codec whose scale is ``1 / std`` of the posterior means of ``videos`` ``(B, 3, T, H, W)``."""
         with torch.no_grad():
             std = float(autoencoder.eval().encode(videos).mode().float().std())
@@ -78,8 +85,10 @@ class LatentCodec:
         directory = Path(directory)
         meta_path = directory / LATENT_FILE
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{directory} holds no latent codec ({LATENT_FILE} is missing); it is written "
-                                    f"when a latent supernet is trained with --autoencoder")
+            raise FileNotFoundError(
+                f"{directory} holds no latent codec ({LATENT_FILE} is missing); it is written "
+                f"when a latent supernet is trained with --autoencoder"
+            )
         meta = json.loads(meta_path.read_text())
         return cls(load_autoencoder(directory, device).float(), meta["scale"], meta.get("source"), directory)
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 class Metric:
     """One measured figure of a candidate."""
 
-    name: str                 # column in the store and in the results table
-    unit: str                 # stored beside every value ("" for unitless scores)
-    minimize: bool            # the direction in which the figure is better
-    kind: str                 # "count" (exact, device-independent), "time" (device-dependent) or "quality"
-    label: str                # column header in printed tables
-    axis: str                 # axis label in plots
-    scale: float = 1.0        # printed value = stored value / scale
-    digits: int = 1           # decimals printed
+    name: str  # column in the store and in the results table
+    unit: str  # stored beside every value ("" for unitless scores)
+    minimize: bool  # the direction in which the figure is better
+    kind: str  # "count" (exact, device-independent), "time" (device-dependent) or "quality"
+    label: str  # column header in printed tables
+    axis: str  # axis label in plots
+    scale: float = 1.0  # printed value = stored value / scale
+    digits: int = 1  # decimals printed
 
     @property
     def device_independent(self) -> bool:
@@ -36,14 +36,17 @@ class Metric:
         return f"{value / self.scale:.{self.digits}f}"
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("params", "count", True, "count", "params (M)", "parameters", 1e6, 3),
-    Metric("flops", "FLOP", True, "count", "GFLOPs", "FLOPs per video", 1e9, 2),
-    Metric("latency_ms", "ms", True, "time", "latency ms", "latency per video (ms)", 1.0, 1),
-    Metric("fvd", "", True, "quality", "FVD", "FVD", 1.0, 1),
-    Metric("kvd", "", True, "quality", "KVD", "KVD", 1.0, 3),
-    Metric("text_alignment", "fraction", False, "quality", "text align", "text alignment", 1.0, 2),
-)}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("params", "count", True, "count", "params (M)", "parameters", 1e6, 3),
+        Metric("flops", "FLOP", True, "count", "GFLOPs", "FLOPs per video", 1e9, 2),
+        Metric("latency_ms", "ms", True, "time", "latency ms", "latency per video (ms)", 1.0, 1),
+        Metric("fvd", "", True, "quality", "FVD", "FVD", 1.0, 1),
+        Metric("kvd", "", True, "quality", "KVD", "KVD", 1.0, 3),
+        Metric("text_alignment", "fraction", False, "quality", "text align", "text alignment", 1.0, 2),
+    )
+}
 
 # Command-line names of the metrics (``--objective latency``, ``--metrics latency,fvd``).
 ALIASES = {"latency": "latency_ms", "alignment": "text_alignment", "clip": "text_alignment"}

@@ -95,17 +95,30 @@ class ModelBundle:
 
     def with_network(self, network: Supernet | VideoUNet) -> ModelBundle:
         """The same provenance around another network (e.g. a subnet extracted from this supernet)."""
-        return ModelBundle(network, self.schedule, self.text_encoder, network.frames, self.codec, self.directory,
-                           self.checkpoint_hash)
+        return ModelBundle(
+            network,
+            self.schedule,
+            self.text_encoder,
+            network.frames,
+            self.codec,
+            self.directory,
+            self.checkpoint_hash,
+        )
 
     def provenance(self) -> dict:
         """What a subnet extracted from this model must carry to be sampled like it (see ``save_static``)."""
-        return {"text_encoder_name": self.text_encoder.name if self.text_encoder else "none",
-                "noise_schedule": self.schedule.to_dict()}
+        return {
+            "text_encoder_name": self.text_encoder.name if self.text_encoder else "none",
+            "noise_schedule": self.schedule.to_dict(),
+        }
 
 
-def in_memory(network: Supernet | VideoUNet, schedule: NoiseSchedule | None = None,
-              text_encoder: TextEncoderSpec | None = None, codec: LatentCodec | None = None) -> ModelBundle:
+def in_memory(
+    network: Supernet | VideoUNet,
+    schedule: NoiseSchedule | None = None,
+    text_encoder: TextEncoderSpec | None = None,
+    codec: LatentCodec | None = None,
+) -> ModelBundle:
     """A bundle for a network built in memory (tests, training probes): the paper's noise schedule unless
     ``schedule`` says otherwise, MiniLM at the model's context length when it is text-conditioned."""
     if text_encoder is None and network.spec.context_dim:
@@ -126,8 +139,10 @@ def load_bundle(path: str | Path, use_ema: bool = True) -> ModelBundle:
     """Load a model directory (see the module docstring) as a ``ModelBundle``."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass --checkpoint with a model directory "
-                                f"(the shipped ones are under {RESULTS / 'checkpoints'})")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass --checkpoint with a model directory "
+            f"(the shipped ones are under {RESULTS / 'checkpoints'})"
+        )
     directory = training_checkpoint_dir(path)
     if directory is not None:
         network = _load_training_checkpoint(directory, use_ema)
@@ -142,8 +157,15 @@ def load_bundle(path: str | Path, use_ema: bool = True) -> ModelBundle:
     text = None
     if network.spec.context_dim:
         text = TextEncoderSpec(_text_encoder_name(metadata), network.spec.context_len)
-    return ModelBundle(network, _noise_schedule(metadata), text, network.frames, _find_codec(directory, network),
-                       directory, checkpoint_hash(directory))
+    return ModelBundle(
+        network,
+        _noise_schedule(metadata),
+        text,
+        network.frames,
+        _find_codec(directory, network),
+        directory,
+        checkpoint_hash(directory),
+    )
 
 
 def _load_training_checkpoint(directory: Path, use_ema: bool) -> Supernet:
@@ -187,12 +209,16 @@ def _find_codec(directory: Path, network: torch.nn.Module) -> LatentCodec | None
         if (folder / LATENT_FILE).is_file():
             codec = LatentCodec.load(folder)
             if codec.channels != network.spec.in_channels:
-                raise ValueError(f"the autoencoder at {folder} has {codec.channels} latent channels, the model "
-                                 f"{network.spec.in_channels}; keep each model with its own autoencoder")
+                raise ValueError(
+                    f"the autoencoder at {folder} has {codec.channels} latent channels, the model "
+                    f"{network.spec.in_channels}; keep each model with its own autoencoder"
+                )
             return codec
     if network.spec.in_channels != 3:
-        raise FileNotFoundError(f"latent model {directory} has no '{LATENT_FOLDER}/' folder beside it; it is "
-                                f"written by python -m harness.train --autoencoder DIR")
+        raise FileNotFoundError(
+            f"latent model {directory} has no '{LATENT_FOLDER}/' folder beside it; it is "
+            f"written by python -m harness.train --autoencoder DIR"
+        )
     return None
 
 
@@ -208,8 +234,9 @@ def checkpoint_hash(path: str | Path) -> str:
 
 
 # -- chains ------------------------------------------------------------------------------------------
-def load_chain(base_path: str | Path, ssr_path: str | Path, resolution: int | None
-               ) -> tuple[ModelBundle, ModelBundle | None, int]:
+def load_chain(
+    base_path: str | Path, ssr_path: str | Path, resolution: int | None
+) -> tuple[ModelBundle, ModelBundle | None, int]:
     """The base supernet and, when ``resolution`` is above its own, the SSR supernet that reaches it
     (doubling per stage); returns ``(base, ssr or None, resolution)``. The one place that decides
     whether a resolution needs a chain."""
@@ -221,8 +248,10 @@ def load_chain(base_path: str | Path, ssr_path: str | Path, resolution: int | No
         return base, None, resolution
     factor = resolution // base_res
     if resolution < base_res or resolution % base_res or factor & (factor - 1):
-        raise ValueError(f"resolution {resolution} is not one this supernet was trained for (base "
-                         f"{list(net.space.resolutions)}, chains: {base_res} x powers of 2)")
+        raise ValueError(
+            f"resolution {resolution} is not one this supernet was trained for (base "
+            f"{list(net.space.resolutions)}, chains: {base_res} x powers of 2)"
+        )
     if base.codec is not None:
         raise ValueError(f"a latent model generates at its own latent size {base_res}; drop --resolution")
     ssr = load_bundle(ssr_path)
@@ -231,8 +260,10 @@ def load_chain(base_path: str | Path, ssr_path: str | Path, resolution: int | No
     r = base_res * 2
     while r <= resolution:
         if r not in ssr.supernet.space.resolutions:
-            raise ValueError(f"resolution {resolution} needs the SSR model at {r}px, which it was not trained "
-                             f"for (SSR resolutions {list(ssr.supernet.space.resolutions)})")
+            raise ValueError(
+                f"resolution {resolution} needs the SSR model at {r}px, which it was not trained "
+                f"for (SSR resolutions {list(ssr.supernet.space.resolutions)})"
+            )
         r *= 2
     return base, ssr, resolution
 
@@ -240,5 +271,8 @@ def load_chain(base_path: str | Path, ssr_path: str | Path, resolution: int | No
 def add_model_arguments(parser) -> None:
     """``--checkpoint`` and ``--ssr-checkpoint``, shared by the commands that load a chain."""
     parser.add_argument("--checkpoint", default=str(DEFAULT_BASE), help="base supernet directory")
-    parser.add_argument("--ssr-checkpoint", default=str(DEFAULT_SSR),
-                        help="super-resolution supernet directory (used above the base resolution)")
+    parser.add_argument(
+        "--ssr-checkpoint",
+        default=str(DEFAULT_SSR),
+        help="super-resolution supernet directory (used above the base resolution)",
+    )

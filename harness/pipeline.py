@@ -62,12 +62,17 @@ class Chain:
         while out[-1] < resolution:
             out.append(out[-1] * 2)
         if out[-1] != resolution:
-            raise ValueError(f"resolution {resolution} is not the base resolution {out[0]} times a power of 2")
+            raise ValueError(
+                f"resolution {resolution} is not the base resolution {out[0]} times a power of 2"
+            )
         if len(out) > 1 and self.codec is not None:
-            raise ValueError(f"a latent model generates at its own latent sizes; resolution {resolution} is not "
-                             f"{out[0]}")
+            raise ValueError(
+                f"a latent model generates at its own latent sizes; resolution {resolution} is not {out[0]}"
+            )
         if len(out) > 1 and self.ssr is None:
-            raise ValueError(f"resolution {resolution} needs the super-resolution model; pass --ssr-checkpoint")
+            raise ValueError(
+                f"resolution {resolution} needs the super-resolution model; pass --ssr-checkpoint"
+            )
         return out
 
     def ssr_subnet(self, resolution: int) -> SubnetConfig | None:
@@ -77,8 +82,11 @@ class Chain:
         if resolution in self.ssr_subnets:
             return self.ssr_subnets[resolution]
         largest = ssr.space.largest(resolution)
-        return largest if ssr.space.fits(largest) else ssr.space.subnet_at_fraction(
-            ssr.space.size_caps[resolution], resolution)
+        return (
+            largest
+            if ssr.space.fits(largest)
+            else ssr.space.subnet_at_fraction(ssr.space.size_caps[resolution], resolution)
+        )
 
 
 def _base_denoiser(chain: Chain):
@@ -89,9 +97,17 @@ def _base_denoiser(chain: Chain):
 
 
 @torch.no_grad()
-def generate(chain: Chain, prompts: list[str], resolution: int | None = None, steps: int = 20,
-             ssr_steps: int | None = None, guidance: float = 3.0, seed: int = 0, aug_level: float = 0.2,
-             progress: bool = False) -> torch.Tensor:
+def generate(
+    chain: Chain,
+    prompts: list[str],
+    resolution: int | None = None,
+    steps: int = 20,
+    ssr_steps: int | None = None,
+    guidance: float = 3.0,
+    seed: int = 0,
+    aug_level: float = 0.2,
+    progress: bool = False,
+) -> torch.Tensor:
     """Generate one video per prompt: ``(B, 3, T, R, R)`` in [-1, 1]. Deterministic by ``seed``.
 
     With a latent codec, ``resolution`` is the latent size and the decoded video is
@@ -103,9 +119,18 @@ def generate(chain: Chain, prompts: list[str], resolution: int | None = None, st
     context = chain.text_encoder.encode(prompts) if chain.text_encoder is not None else None
     bar = (lambda it: tqdm(it, leave=False, desc="denoise")) if progress else None
 
-    video = ddim_sample(_base_denoiser(chain), (b, chain.channels, frames, stages[0], stages[0]), context,
-                        null_context(chain.base.network, b), steps=steps, guidance=guidance, generator=g,
-                        progress=bar, clip=chain.codec is None, schedule=chain.base.schedule)
+    video = ddim_sample(
+        _base_denoiser(chain),
+        (b, chain.channels, frames, stages[0], stages[0]),
+        context,
+        null_context(chain.base.network, b),
+        steps=steps,
+        guidance=guidance,
+        generator=g,
+        progress=bar,
+        clip=chain.codec is None,
+        schedule=chain.base.schedule,
+    )
     if chain.codec is not None:
         return chain.codec.decode(video)
     for r in stages[1:]:
@@ -114,7 +139,17 @@ def generate(chain: Chain, prompts: list[str], resolution: int | None = None, st
         sub = chain.ssr_subnet(r)
         ssr = chain.ssr.network
         denoiser = bind_subnet(ssr, sub) if sub is not None else ssr
-        video = ddim_sample(denoiser, (b, 3, frames, r, r), context, null_context(ssr, b),
-                            steps=ssr_steps or steps, guidance=guidance, generator=g, progress=bar,
-                            schedule=chain.ssr.schedule, low_res=low, noise_level=level)
+        video = ddim_sample(
+            denoiser,
+            (b, 3, frames, r, r),
+            context,
+            null_context(ssr, b),
+            steps=ssr_steps or steps,
+            guidance=guidance,
+            generator=g,
+            progress=bar,
+            schedule=chain.ssr.schedule,
+            low_res=low,
+            noise_level=level,
+        )
     return video

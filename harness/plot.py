@@ -25,8 +25,11 @@ from harness.figures import (  # noqa: F401  (the figure functions' old home: no
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness.plot", description=__doc__.splitlines()[0])
     parser.add_argument("--storage", help="store URL (sqlite:///path.db, postgresql://...)")
-    parser.add_argument("--training-log", action="append",
-                        help="instead of a store: a training run's log.jsonl (repeatable) -> loss curve PNG")
+    parser.add_argument(
+        "--training-log",
+        action="append",
+        help="instead of a store: a training run's log.jsonl (repeatable) -> loss curve PNG",
+    )
     parser.add_argument("--study", action="append", help="study name (repeat for several; default: all)")
     objectives = ", ".join([*analysis.MINIMIZE, *analysis.ALIASES])
     parser.add_argument("--objective", action="append", help=f"two of {objectives} (default: latency, fvd)")

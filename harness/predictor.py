@@ -23,22 +23,31 @@ from search_spaces import Supernet, build_supernet, load_supernet
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness.predictor", description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", default=None,
-                   help="supernet family (default: the checkpoint's, else pixel-base)")
+    p.add_argument(
+        "--family", default=None, help="supernet family (default: the checkpoint's, else pixel-base)"
+    )
     p.add_argument("--preset", default=None, help="family preset (default: the checkpoint's, else tiny)")
     p.add_argument("--checkpoint", type=Path, default=None, help="Supernet.save_pretrained directory")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the family's first)")
     p.add_argument("--frames", type=int, default=None, help="frames per video (default: the preset's)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1,
-                   help="intra-op threads (default 1: robust on a shared machine; use 2+ on a quiet one)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (default 1: robust on a shared machine; use 2+ on a quiet one)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--fit", type=int, default=80, help="subnets measured for fitting")
     p.add_argument("--holdout", type=int, default=30, help="held-out subnets for the calibration report")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per subnet")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds timed per subnet per round")
-    p.add_argument("--clock", choices=("wall", "process"), default="wall",
-                   help="wall-clock latency, or CPU time of the process (contention-robust, CPU only)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="wall-clock latency, or CPU time of the process (contention-robust, CPU only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="predictor JSON path")
     p.add_argument("--no-progress", action="store_true")
@@ -76,16 +85,22 @@ def format_report(predictor: LatencyPredictor) -> str:
         ("timing spread across rounds", f"{c['measurement_spread_pct']:.1f} %"),
     ]
     if "repeat_mape_pct" in c:
-        rows += [("repeat timing MAPE (noise)", f"{c['repeat_mape_pct']:.1f} %"),
-                 ("repeat timing Spearman", f"{c['repeat_spearman']:.3f}")]
+        rows += [
+            ("repeat timing MAPE (noise)", f"{c['repeat_mape_pct']:.1f} %"),
+            ("repeat timing Spearman", f"{c['repeat_spearman']:.3f}"),
+        ]
     if "split_mape_pct" in c:
-        rows += [("even/odd-round medians MAPE", f"{c['split_mape_pct']:.1f} %"),
-                 ("even/odd-round medians Spearman", f"{c['split_spearman']:.3f}")]
+        rows += [
+            ("even/odd-round medians MAPE", f"{c['split_mape_pct']:.1f} %"),
+            ("even/odd-round medians Spearman", f"{c['split_spearman']:.3f}"),
+        ]
     measured = [h["measured_ms"] for h in predictor.holdout]
     rows.append(("held-out latency range", f"{min(measured):.1f} - {max(measured):.1f} ms"))
-    head = (f"latency predictor {p['family']}/{p['preset']}: {p['resolution']}px x {p['frames']} frames, "
-            f"batch {p['batch']}\n{p['device_name']}, {p['threads']} thread(s), "
-            f"{p.get('clock', 'wall')} clock, torch {p['torch_version']}")
+    head = (
+        f"latency predictor {p['family']}/{p['preset']}: {p['resolution']}px x {p['frames']} frames, "
+        f"batch {p['batch']}\n{p['device_name']}, {p['threads']} thread(s), "
+        f"{p.get('clock', 'wall')} clock, torch {p['torch_version']}"
+    )
     width = max(len(k) for k, _ in rows)
     return head + "\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
@@ -98,9 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         if resolution not in net.space.resolutions:
             raise ValueError(f"resolution {resolution} is not one of {list(net.space.resolutions)}")
         predictor = LatencyPredictor.fit(
-            net, resolution=resolution, frames=args.frames, batch=args.batch, n_fit=args.fit,
-            n_holdout=args.holdout, threads=args.threads, seed=args.seed, min_run_time=args.min_run_time,
-            rounds=args.rounds, clock=args.clock, device=args.device, progress=not args.no_progress)
+            net,
+            resolution=resolution,
+            frames=args.frames,
+            batch=args.batch,
+            n_fit=args.fit,
+            n_holdout=args.holdout,
+            threads=args.threads,
+            seed=args.seed,
+            min_run_time=args.min_run_time,
+            rounds=args.rounds,
+            clock=args.clock,
+            device=args.device,
+            progress=not args.no_progress,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,8 +16,9 @@ from harness.store import redact_url
 FRONT_COLUMNS = ("params", "flops", "latency_ms", "fvd", "kvd")
 
 
-def study_results(url: str, study: str, device: str, extractor: str | None,
-                  limits: Mapping[str, float | None] | None = None) -> pd.DataFrame:
+def study_results(
+    url: str, study: str, device: str, extractor: str | None, limits: Mapping[str, float | None] | None = None
+) -> pd.DataFrame:
     """The study's rows measured on ``device`` with ``extractor``, without the candidates that break a
     limit (``{"params": 5e5, "latency_ms": None, ...}``; ``None`` = no limit)."""
     df = analysis.select(analysis.load_results(url, study), device=device, extractor=extractor)
@@ -37,16 +38,22 @@ def format_front(front: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def report_front(df: pd.DataFrame, url: str, study: str, objectives: list[str], plot: bool = True) -> Path | None:
+def report_front(
+    df: pd.DataFrame, url: str, study: str, objectives: list[str], plot: bool = True
+) -> Path | None:
     """Print the front of ``df`` (see :func:`study_results`) over ``objectives`` and draw its plot."""
     columns = [metric_name(o) for o in objectives]
     front = analysis.pareto_front(df, columns) if not df.empty else df
     n_done = df["trial_number"].nunique() if not df.empty else 0
-    print(f"\nPareto front of '{study}' ({len(front)} of {n_done} completed trials; "
-          f"objectives: {', '.join(objectives)}):")
+    print(
+        f"\nPareto front of '{study}' ({len(front)} of {n_done} completed trials; "
+        f"objectives: {', '.join(objectives)}):"
+    )
     print(format_front(front))
-    print("FVD/KVD from the offline proxy extractor unless --fvd-weights was given; latency per generated "
-          "video on this machine (see the store for the full provenance).")
+    print(
+        "FVD/KVD from the offline proxy extractor unless --fvd-weights was given; latency per generated "
+        "video on this machine (see the store for the full provenance)."
+    )
     if not plot or front.empty:
         return None
     from harness.figures import plot_front

@@ -1,6 +1,6 @@
 """``python -m harness.sample``: generate a video from a prompt with a supernet subnet or an extracted subnet.
 
-    python -m harness.sample --prompt "a large red square moving left" --resolution 32 --out red.gif
+python -m harness.sample --prompt "a large red square moving left" --resolution 32 --out red.gif
 """
 
 from __future__ import annotations
@@ -20,16 +20,30 @@ from search_spaces import SubnetConfig, Supernet
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness.sample", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=str(DEFAULT_BASE), help="base model directory (supernet or subnet)")
+    p.add_argument(
+        "--checkpoint", default=str(DEFAULT_BASE), help="base model directory (supernet or subnet)"
+    )
     p.add_argument("--ssr-checkpoint", default=str(DEFAULT_SSR), help="super-resolution model directory")
     p.add_argument("--subnet", default=None, help="JSON file of the base subnet config (default: largest)")
-    p.add_argument("--ssr-subnet", default=None, help="JSON file of the SSR subnet config (ratios reused "
-                   "at every upscaling stage; default: largest within each stage's size cap)")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="text prompt (repeatable; unconditional models: one video per prompt, text ignored)")
+    p.add_argument(
+        "--ssr-subnet",
+        default=None,
+        help="JSON file of the SSR subnet config (ratios reused "
+        "at every upscaling stage; default: largest within each stage's size cap)",
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="text prompt (repeatable; unconditional models: one video per prompt, text ignored)",
+    )
     p.add_argument("--num-videos", type=int, default=1, help="videos to generate when no --prompt is given")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="output side in pixels (latent families: the latent side; default: the base model's)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="output side in pixels (latent families: the latent side; default: the base model's)",
+    )
     p.add_argument("--steps", type=int, default=20, help="DDIM steps per stage")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -40,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_config(path: str, model) -> SubnetConfig:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"subnet file {p} does not exist; write one with harness.export or cfg.to_json()")
+        raise FileNotFoundError(
+            f"subnet file {p} does not exist; write one with harness.export or cfg.to_json()"
+        )
     cfg = SubnetConfig.from_json(p.read_text())
     return model.space.validate(cfg) if isinstance(model, Supernet) else cfg
 
@@ -49,7 +65,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     base = load_bundle(args.checkpoint)
     if not args.prompt and base.text_encoder is not None:
-        raise ValueError("this model is text-conditioned: pass --prompt \"...\"")
+        raise ValueError('this model is text-conditioned: pass --prompt "..."')
     prompts = args.prompt or [""] * args.num_videos
     resolution = args.resolution
     ssr = load_bundle(args.ssr_checkpoint) if resolution and resolution > base.default_resolution else None
@@ -61,11 +77,13 @@ def main(argv=None) -> None:
         chain.base_subnet = _read_config(args.subnet, base.network)
     if args.ssr_subnet and ssr is not None:
         cfg = _read_config(args.ssr_subnet, ssr.network)
-        chain.ssr_subnets = {r: ssr.supernet.space.validate(cfg.replace(resolution=r))
-                             for r in chain.stages(resolution)[1:]}
+        chain.ssr_subnets = {
+            r: ssr.supernet.space.validate(cfg.replace(resolution=r)) for r in chain.stages(resolution)[1:]
+        }
     torch.set_grad_enabled(False)
-    video = generate(chain, prompts, resolution, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                     progress=True)
+    video = generate(
+        chain, prompts, resolution, steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True
+    )
     out = save_gif(video, args.out)
     grid = save_frame_grid(video, Path(args.out).with_suffix(".png"))
     print(f"wrote {out} and {grid}: {tuple(video.shape)} (B, C, T, H, W)")

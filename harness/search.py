@@ -43,23 +43,38 @@ from harness.store import Store, optuna_storage, redact_url, validate_storage_ur
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness.search", description=__doc__.splitlines()[0])
-    p.add_argument("--objective", action="append", default=None,
-                   help=f"objective to minimise, repeatable: {', '.join(OBJECTIVES)} (a quality objective, FVD "
-                        "by default, is added when none is given)")
+    p.add_argument(
+        "--objective",
+        action="append",
+        default=None,
+        help=f"objective to minimise, repeatable: {', '.join(OBJECTIVES)} (a quality objective, FVD "
+        "by default, is added when none is given)",
+    )
     p.add_argument("--searcher", default="tpe", help=f"one of {', '.join(SEARCHERS)} (default tpe)")
     p.add_argument("--trials", type=int, default=40, help="total trials of the study, over all workers")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="output resolution; above the base model's, candidates are base + SSR chains")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="output resolution; above the base model's, candidates are base + SSR chains",
+    )
     p.add_argument("--max-params", type=float, default=None, help="constraint: parameters (count)")
     p.add_argument("--max-flops", type=float, default=None, help="constraint: FLOPs per generated video")
     p.add_argument("--max-latency", type=float, default=None, help="constraint: latency per video (ms)")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="SQLAlchemy URL or SQLite file (default "
-                   "results/harness.db); postgresql://... to share one study between workers")
+    p.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help="SQLAlchemy URL or SQLite file (default "
+        "results/harness.db); postgresql://... to share one study between workers",
+    )
     p.add_argument("--study", default=None, help="study name (resumed when it exists)")
     p.add_argument("--no-plot", action="store_true", help="skip writing the front's plot")
-    p.add_argument("--anchors", default="0.4,0.6,0.8,1.0",
-                   help="parameter fractions whose balanced subnets a new study evaluates first (the "
-                        "paper's SNED-S/M/L/B points, marked in the plots); '' for none")
+    p.add_argument(
+        "--anchors",
+        default="0.4,0.6,0.8,1.0",
+        help="parameter fractions whose balanced subnets a new study evaluates first (the "
+        "paper's SNED-S/M/L/B points, marked in the plots); '' for none",
+    )
     add_model_arguments(p)
     add_measure_arguments(p)
     return p
@@ -79,8 +94,9 @@ def main(argv=None) -> None:
     base, ssr, resolution = load_chain(args.checkpoint, args.ssr_checkpoint, args.resolution)
     net = base.supernet
     text = base.text_encoder.load() if base.text_encoder else None
-    encoding = CandidateEncoding(net.space, ssr.supernet.space if ssr else None, resolution,
-                                 net.space.default_resolution)
+    encoding = CandidateEncoding(
+        net.space, ssr.supernet.space if ssr else None, resolution, net.space.default_resolution
+    )
     anchors = anchor_candidates(encoding, args.anchors)
     limits = {"params": args.max_params, "flops": args.max_flops, "latency_ms": args.max_latency}
     from harness.metrics.fvd import resolve_extractor
@@ -88,28 +104,62 @@ def main(argv=None) -> None:
     extractor = resolve_extractor(args.fvd_weights)  # fails here, before anything is written
     predictors = load_predictors(base, ssr) if args.latency == "predicted" else None
     smallest = Candidate(net.space.smallest(), ssr.supernet.space.smallest(resolution) if ssr else None)
-    check_limits_reachable(Generation(base, ssr, settings.steps, settings.guidance), settings, smallest, limits,
-                           predictors)
+    check_limits_reachable(
+        Generation(base, ssr, settings.steps, settings.guidance), settings, smallest, limits, predictors
+    )
 
     # Only now is anything written: the store, then the study.
     store = Store.open(url)
-    measurer = Measurer(base, ssr, text, settings, store, worker=f"{socket.gethostname()}:{os.getpid()}",
-                        predictors=predictors, extractor=extractor)
-    name = args.study or default_study_name(net.family, net.preset, resolution, objectives, args.searcher,
-                                            args.seed)
-    storage = optuna_storage(url, heartbeat_interval=10 if shared else None, grace_period=60 if shared else None)
-    attrs = {"objectives": objectives, "resolution": resolution, "checkpoint": str(Path(args.checkpoint).resolve()),
-             **({"ssr_checkpoint": str(Path(args.ssr_checkpoint).resolve())} if ssr else {})}
+    measurer = Measurer(
+        base,
+        ssr,
+        text,
+        settings,
+        store,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
+        predictors=predictors,
+        extractor=extractor,
+    )
+    name = args.study or default_study_name(
+        net.family, net.preset, resolution, objectives, args.searcher, args.seed
+    )
+    storage = optuna_storage(
+        url, heartbeat_interval=10 if shared else None, grace_period=60 if shared else None
+    )
+    attrs = {
+        "objectives": objectives,
+        "resolution": resolution,
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        **({"ssr_checkpoint": str(Path(args.ssr_checkpoint).resolve())} if ssr else {}),
+    }
     spaces = (net.space, ssr.supernet.space if ssr else None)
     constrained = any(v is not None for v in limits.values())
     study, searcher = open_study(
-        store, storage, name, objectives, study_sampler(args.searcher, args.seed),
-        lambda study: make_searcher(args.searcher, study, encoding, spaces, args.seed, objectives, constrained),
-        anchors, attrs)
-    print(f"study '{name}' in {redact_url(url)}: {', '.join(objectives)} at {resolution}px, searcher "
-          f"{args.searcher}, {args.trials} trials")
-    run = SearchRun(study, storage, store, searcher, measurer, objectives, args.trials,
-                    constraints=lambda values: [values[m] - lim for m, lim in limits.items() if lim is not None])
+        store,
+        storage,
+        name,
+        objectives,
+        study_sampler(args.searcher, args.seed),
+        lambda study: make_searcher(
+            args.searcher, study, encoding, spaces, args.seed, objectives, constrained
+        ),
+        anchors,
+        attrs,
+    )
+    print(
+        f"study '{name}' in {redact_url(url)}: {', '.join(objectives)} at {resolution}px, searcher "
+        f"{args.searcher}, {args.trials} trials"
+    )
+    run = SearchRun(
+        study,
+        storage,
+        store,
+        searcher,
+        measurer,
+        objectives,
+        args.trials,
+        constraints=lambda values: [values[m] - lim for m, lim in limits.items() if lim is not None],
+    )
     run_search(run, shared)
     results = study_results(url, name, measurer.device_name, extractor.name, limits)
     report_front(results, url, name, objectives, plot=not args.no_plot)

@@ -29,33 +29,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=d.batch, help="global batch size (split across ranks)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help="sampling warm-up iterations: min ratio / kept fraction step 100%% -> 40%%")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=d.warmup_steps,
+        help="sampling warm-up iterations: min ratio / kept fraction step 100%% -> 40%%",
+    )
     p.add_argument("--cond-drop", type=float, default=d.cond_drop, help="classifier-free guidance dropout")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay of the weights")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip (active entries only)")
     p.add_argument("--sandwich", action="store_true", help="largest + smallest + random subnet each step")
-    p.add_argument("--inplace-distill", action="store_true",
-                   help="with --sandwich: the largest subnet's prediction is the others' target")
-    p.add_argument("--offset-noise", type=float, default=d.offset_noise,
-                   help="per-channel offset added to the diffusion noise (0: off; 0.1 fixes washed-out means)")
-    p.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
-                   help="noise schedule and target: eps-cosine (the paper's) or v-zero-snr (Lin et al. 2024)")
-    p.add_argument("--late-timestep-portion", type=float, default=d.late_timestep_portion,
-                   help="the noisiest portion of the timesteps that --late-timestep-multiplier favours")
-    p.add_argument("--late-timestep-multiplier", type=float, default=d.late_timestep_multiplier,
-                   help="draw those timesteps this many times as often (1: uniform; >1 trains the coarse "
-                        "layout and motion that sampling decides first)")
+    p.add_argument(
+        "--inplace-distill",
+        action="store_true",
+        help="with --sandwich: the largest subnet's prediction is the others' target",
+    )
+    p.add_argument(
+        "--offset-noise",
+        type=float,
+        default=d.offset_noise,
+        help="per-channel offset added to the diffusion noise (0: off; 0.1 fixes washed-out means)",
+    )
+    p.add_argument(
+        "--schedule",
+        default=d.schedule,
+        choices=sorted(SCHEDULES),
+        help="noise schedule and target: eps-cosine (the paper's) or v-zero-snr (Lin et al. 2024)",
+    )
+    p.add_argument(
+        "--late-timestep-portion",
+        type=float,
+        default=d.late_timestep_portion,
+        help="the noisiest portion of the timesteps that --late-timestep-multiplier favours",
+    )
+    p.add_argument(
+        "--late-timestep-multiplier",
+        type=float,
+        default=d.late_timestep_multiplier,
+        help="draw those timesteps this many times as often (1: uniform; >1 trains the coarse "
+        "layout and motion that sampling decides first)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
     p.add_argument("--out", default=d.out, help="run directory (checkpoint, log.jsonl, samples)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations per checkpoint")
-    p.add_argument("--sample-every", type=int, default=d.sample_every, help="iterations per sample GIF (0: off)")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="iterations per checkpoint"
+    )
+    p.add_argument(
+        "--sample-every", type=int, default=d.sample_every, help="iterations per sample GIF (0: off)"
+    )
     p.add_argument("--log-every", type=int, default=d.log_every, help="iterations per log.jsonl line")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (bit-exact)")
-    p.add_argument("--autoencoder", default=None,
-                   help="latent families: trained video autoencoder directory (python -m harness.autoencoder_train)")
-    p.add_argument("--init", default=None,
-                   help="start from this supernet directory's weights (e.g. a shipped one), fresh optimizer")
+    p.add_argument(
+        "--autoencoder",
+        default=None,
+        help="latent families: trained video autoencoder directory (python -m harness.autoencoder_train)",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        help="start from this supernet directory's weights (e.g. a shipped one), fresh optimizer",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return p
 

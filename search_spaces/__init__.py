@@ -15,7 +15,27 @@ from .space import RATIOS, SearchSpace
 from .supernet import Supernet, load_static, make_dummy_inputs, save_static
 from .unet import UNetSpec, VideoUNet
 
-__all__ = ["COMPONENTS", "RATIOS", "ConditioningExtra", "ConfigError", "SearchSpace", "SubnetConfig", "Supernet",
-           "UNetHyper", "UNetSpec", "VideoUNet", "build_supernet", "legacy_key_map", "list_conditioning",
-           "list_families", "list_presets", "load_static", "load_supernet", "make_dummy_inputs",
-           "register_conditioning", "register_family", "save_static", "upgrade_state_dict"]
+__all__ = [
+    "COMPONENTS",
+    "RATIOS",
+    "ConditioningExtra",
+    "ConfigError",
+    "SearchSpace",
+    "SubnetConfig",
+    "Supernet",
+    "UNetHyper",
+    "UNetSpec",
+    "VideoUNet",
+    "build_supernet",
+    "legacy_key_map",
+    "list_conditioning",
+    "list_families",
+    "list_presets",
+    "load_static",
+    "load_supernet",
+    "make_dummy_inputs",
+    "register_conditioning",
+    "register_family",
+    "save_static",
+    "upgrade_state_dict",
+]

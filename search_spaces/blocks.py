@@ -26,8 +26,9 @@ class DynamicModule(nn.Module):
 
     def param_ranges(self, spec) -> dict[str, Ranges]:
         """Active index ranges of every parameter that ``spec`` uses, by parameter name."""
-        out: dict[str, Ranges] = {name: (None,) * p.dim() for name, p in self._parameters.items()
-                                  if p is not None}
+        out: dict[str, Ranges] = {
+            name: (None,) * p.dim() for name, p in self._parameters.items() if p is not None
+        }
         for child_name, child_spec in self.plan(spec).items():
             child = getattr(self, child_name)
             if child_spec is FULL:
@@ -63,8 +64,15 @@ class ResBlock(DynamicModule):
     ``scale_shift`` uses the time embedding as ``norm(h) * (1 + scale) + shift`` (LVDM / ADM).
     """
 
-    def __init__(self, full: ResSpec, temb_dim: int, group_size: int, temporal_conv: bool = True,
-                 scale_shift: bool = False, padding_mode: str = "zeros"):
+    def __init__(
+        self,
+        full: ResSpec,
+        temb_dim: int,
+        group_size: int,
+        temporal_conv: bool = True,
+        scale_shift: bool = False,
+        padding_mode: str = "zeros",
+    ):
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = DynamicGroupNorm(full.in_sizes, group_size)
@@ -78,9 +86,13 @@ class ResBlock(DynamicModule):
         self.temb_dim = temb_dim
 
     def plan(self, spec: ResSpec) -> dict[str, object]:
-        p = {"norm1": spec.in_sizes, "conv1": (spec.in_sizes, spec.hidden),
-             "emb": ((self.temb_dim,), (spec.hidden, spec.hidden) if self.scale_shift else spec.hidden),
-             "norm2": (spec.hidden,), "conv2": ((spec.hidden,), spec.out)}
+        p = {
+            "norm1": spec.in_sizes,
+            "conv1": (spec.in_sizes, spec.hidden),
+            "emb": ((self.temb_dim,), (spec.hidden, spec.hidden) if self.scale_shift else spec.hidden),
+            "norm2": (spec.hidden,),
+            "conv2": ((spec.hidden,), spec.out),
+        }
         if self.conv_t is not None:
             p["conv_t"] = ((spec.hidden,), spec.hidden)
         if self.skip is not None:
@@ -107,7 +119,7 @@ class ResBlock(DynamicModule):
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    dim: int    # active width of the residual stream (queries, output)
+    dim: int  # active width of the residual stream (queries, output)
     heads: int  # active number of heads; head dim is fixed
 
 
@@ -119,8 +131,14 @@ class Attention(DynamicModule):
     ``scaled_dot_product_attention``. Returns the residual branch ``(N, S, dim)``.
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None,
-                 max_frames: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        max_frames: int | None = None,
+    ):
         super().__init__()
         inner = heads * head_dim
         self.head_dim = head_dim
@@ -135,8 +153,13 @@ class Attention(DynamicModule):
     def plan(self, spec: AttentionSpec) -> dict[str, object]:
         inner = spec.heads * self.head_dim
         kv_in = (self.context_dim,) if self.context_dim else (spec.dim,)
-        p = {"norm": spec.dim, "to_q": ((spec.dim,), inner), "to_k": (kv_in, inner), "to_v": (kv_in, inner),
-             "to_out": ((inner,), spec.dim)}
+        p = {
+            "norm": spec.dim,
+            "to_q": ((spec.dim,), inner),
+            "to_k": (kv_in, inner),
+            "to_v": (kv_in, inner),
+            "to_out": ((inner,), spec.dim),
+        }
         if self.rel_pos is not None:
             p["rel_pos"] = spec.heads
         return p
@@ -201,18 +224,34 @@ class DiffusionBlock(DynamicModule):
     Built from a spec: the supernet from its full spec, an extracted subnet from the active one.
     """
 
-    def __init__(self, full: BlockSpec, temb_dim: int, context_dim: int, head_dim: int, group_size: int,
-                 max_frames: int, temporal_conv: bool = True, scale_shift: bool = False,
-                 padding_mode: str = "zeros"):
+    def __init__(
+        self,
+        full: BlockSpec,
+        temb_dim: int,
+        context_dim: int,
+        head_dim: int,
+        group_size: int,
+        max_frames: int,
+        temporal_conv: bool = True,
+        scale_shift: bool = False,
+        padding_mode: str = "zeros",
+    ):
         super().__init__()
         d = full.stream
-        self.res = (ResBlock(full.res, temb_dim, group_size, temporal_conv, scale_shift, padding_mode)
-                    if full.res else None)
+        self.res = (
+            ResBlock(full.res, temb_dim, group_size, temporal_conv, scale_shift, padding_mode)
+            if full.res
+            else None
+        )
         self.spatial = Attention(d, full.spatial, head_dim) if full.spatial else None
-        self.temporal_self = (Attention(d, full.temporal_self, head_dim, max_frames=max_frames)
-                              if full.temporal_self else None)
-        self.temporal_cross = (Attention(d, full.temporal_cross, head_dim, context_dim=context_dim)
-                               if full.temporal_cross else None)
+        self.temporal_self = (
+            Attention(d, full.temporal_self, head_dim, max_frames=max_frames) if full.temporal_self else None
+        )
+        self.temporal_cross = (
+            Attention(d, full.temporal_cross, head_dim, context_dim=context_dim)
+            if full.temporal_cross
+            else None
+        )
         self.ff = FeedForward(d, full.ff) if full.ff else None
 
     def plan(self, spec: BlockSpec) -> dict[str, object]:

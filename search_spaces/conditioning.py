@@ -65,8 +65,14 @@ class ConditioningExtra(nn.Module):
         -> the new time embedding ``(B, D)`` or ``(B, T, D)``."""
         return temb
 
-    def features(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None, spec: UNetSpec,
-                 extras: ConditioningExtras) -> torch.Tensor:
+    def features(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor | None,
+        spec: UNetSpec,
+        extras: ConditioningExtras,
+    ) -> torch.Tensor:
         """Features ``x`` ``(B, C, T, H, W)`` after ``conv_in`` at ``spec`` -> the same shape; ``temb`` as
         the time-embedding entry point returned it; ``extras``: the network's extras (``extras.get(name)``,
         for one that acts through another: see ``requires``)."""
@@ -84,8 +90,10 @@ def register_conditioning(name: str, cls: type[ConditioningExtra]) -> None:
         raise TypeError(f"conditioning extra '{name}' must be a ConditioningExtra subclass, got {cls!r}")
     taken = {old for other in _EXTRAS.values() for old in other.legacy_keys}
     if taken & set(cls.legacy_keys):
-        raise ValueError(f"conditioning extra '{name}' claims legacy keys {sorted(taken & set(cls.legacy_keys))} "
-                         f"of another extra")
+        raise ValueError(
+            f"conditioning extra '{name}' claims legacy keys {sorted(taken & set(cls.legacy_keys))} "
+            f"of another extra"
+        )
     _EXTRAS[name] = cls
 
 
@@ -101,7 +109,9 @@ def validate_conditioning(names: Iterable[str], context_dim: int) -> tuple[str, 
     names = tuple(names)
     unknown = [n for n in names if n not in _EXTRAS]
     if unknown:
-        raise ValueError(f"unknown conditioning extra '{unknown[0]}' (known: {', '.join(list_conditioning())})")
+        raise ValueError(
+            f"unknown conditioning extra '{unknown[0]}' (known: {', '.join(list_conditioning())})"
+        )
     if len(set(names)) != len(names):
         raise ValueError(f"conditioning lists an extra twice: {names}")
     for name in names:
@@ -123,7 +133,9 @@ def upgrade_config(d: Mapping) -> dict:
     if not present:
         return d
     if "conditioning" in d:
-        raise ValueError(f"config has both 'conditioning' and the legacy flags {present}; keep 'conditioning'")
+        raise ValueError(
+            f"config has both 'conditioning' and the legacy flags {present}; keep 'conditioning'"
+        )
     d["conditioning"] = tuple(flags[f] for f in present if d.pop(f))
     return d
 
@@ -137,14 +149,18 @@ def legacy_key_map() -> dict[str, str]:
     ``VideoUNet`` (e.g. ``frame_embed`` -> ``conditioning.frame_embedding.embed``). A prefix matches a
     whole dotted component: ``position_embed.weight`` and ``position_embed.weight.ema`` map, while
     ``moving_position_embed.weight`` is another prefix's."""
-    return {old: f"{PREFIX}.{name}.{child}" for name, cls in _EXTRAS.items() for old, child in cls.legacy_keys.items()}
+    return {
+        old: f"{PREFIX}.{name}.{child}"
+        for name, cls in _EXTRAS.items()
+        for old, child in cls.legacy_keys.items()
+    }
 
 
 def upgrade_key(key: str, key_map: Mapping[str, str] | None = None) -> str:
     key_map = legacy_key_map() if key_map is None else key_map
     for old, new in key_map.items():
         if key == old or key.startswith(old + "."):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -166,7 +182,7 @@ def upgrade_legacy_keys_hook(module: nn.Module, state_dict: dict, prefix: str, *
     own copy of the caller's dict)."""
     key_map = legacy_key_map()
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        new = prefix + upgrade_key(key[len(prefix):], key_map)
+        new = prefix + upgrade_key(key[len(prefix) :], key_map)
         if new != key:
             if new in state_dict:
                 raise ValueError(f"state dict holds {new!r} under both its legacy and its current name")
@@ -202,8 +218,9 @@ class ConditioningExtras(nn.ModuleDict):
             temb = extra.time_embedding(temb, context, frames)
         return temb
 
-    def features(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None,
-                 spec: UNetSpec) -> torch.Tensor:
+    def features(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None, spec: UNetSpec
+    ) -> torch.Tensor:
         """Entry point 2, after ``conv_in``: ``(B, C, T, H, W)`` -> the same shape."""
         for extra in self.values():
             x = extra.features(x, temb, context, spec, self)

@@ -29,12 +29,19 @@ class SubnetConfig:
     keep: tuple[tuple[str, tuple[tuple[str, bool], ...]], ...]
 
     @classmethod
-    def create(cls, family: str, resolution: int, ratios: Mapping[str, float],
-               keep: Mapping[str, Mapping[str, bool]]) -> SubnetConfig:
-        return cls(family, int(resolution),
-                   tuple(sorted((k, float(v)) for k, v in ratios.items())),
-                   tuple(sorted((b, tuple(sorted((c, bool(f)) for c, f in comps.items())))
-                                for b, comps in keep.items())))
+    def create(
+        cls, family: str, resolution: int, ratios: Mapping[str, float], keep: Mapping[str, Mapping[str, bool]]
+    ) -> SubnetConfig:
+        return cls(
+            family,
+            int(resolution),
+            tuple(sorted((k, float(v)) for k, v in ratios.items())),
+            tuple(
+                sorted(
+                    (b, tuple(sorted((c, bool(f)) for c, f in comps.items()))) for b, comps in keep.items()
+                )
+            ),
+        )
 
     # -- access --------------------------------------------------------------------------------------
     def ratio(self, layer: str) -> float:
@@ -51,16 +58,29 @@ class SubnetConfig:
     def kept(self, block: str, component: str) -> bool:
         return self.keep_map.get(block, {}).get(component, False)
 
-    def replace(self, *, resolution: int | None = None, ratios: Mapping[str, float] | None = None,
-                keep: Mapping[str, Mapping[str, bool]] | None = None) -> SubnetConfig:
-        return SubnetConfig.create(self.family, self.resolution if resolution is None else resolution,
-                                   self.ratio_map if ratios is None else ratios,
-                                   self.keep_map if keep is None else keep)
+    def replace(
+        self,
+        *,
+        resolution: int | None = None,
+        ratios: Mapping[str, float] | None = None,
+        keep: Mapping[str, Mapping[str, bool]] | None = None,
+    ) -> SubnetConfig:
+        return SubnetConfig.create(
+            self.family,
+            self.resolution if resolution is None else resolution,
+            self.ratio_map if ratios is None else ratios,
+            self.keep_map if keep is None else keep,
+        )
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "family": self.family, "resolution": self.resolution,
-                "ratios": dict(self.ratios), "keep": self.keep_map}
+        return {
+            "format": FORMAT,
+            "family": self.family,
+            "resolution": self.resolution,
+            "ratios": dict(self.ratios),
+            "keep": self.keep_map,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -68,7 +88,7 @@ class SubnetConfig:
     @classmethod
     def from_dict(cls, d: object) -> SubnetConfig:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise ConfigError(f"not a subnet config: expected a JSON object with \"format\": \"{FORMAT}\"")
+            raise ConfigError(f'not a subnet config: expected a JSON object with "format": "{FORMAT}"')
         try:
             ratios = {str(k): float(v) for k, v in d["ratios"].items()}
             keep = {str(b): {str(c): f for c, f in comps.items()} for b, comps in d["keep"].items()}
@@ -80,7 +100,9 @@ class SubnetConfig:
         for b, comps in keep.items():
             for c, f in comps.items():
                 if not isinstance(f, bool):
-                    raise ConfigError(f"malformed subnet config: keep[{b}][{c}] must be true/false, got {f!r}")
+                    raise ConfigError(
+                        f"malformed subnet config: keep[{b}][{c}] must be true/false, got {f!r}"
+                    )
         return cls.create(family, resolution, ratios, keep)
 
     @classmethod
@@ -88,8 +110,9 @@ class SubnetConfig:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"malformed subnet config JSON: {e.msg} at line {e.lineno} column {e.colno}") \
-                from None
+            raise ConfigError(
+                f"malformed subnet config JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            ) from None
         return cls.from_dict(d)
 
     @property
@@ -109,6 +132,9 @@ class SubnetConfig:
     def describe(self, param_fraction: float | None = None) -> str:
         """Short summary, e.g. ``"62% params, 16px, 3 components dropped, mean width 71%"``."""
         parts = [f"{param_fraction:.0%} params"] if param_fraction is not None else []
-        parts += [f"{self.resolution}px", f"{self.num_dropped} components dropped",
-                  f"mean width {self.mean_ratio:.0%}"]
+        parts += [
+            f"{self.resolution}px",
+            f"{self.num_dropped} components dropped",
+            f"mean width {self.mean_ratio:.0%}",
+        ]
         return ", ".join(parts)

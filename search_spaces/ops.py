@@ -69,7 +69,9 @@ class DynamicLinear(nn.Module):
     several output segments serve e.g. a scale-shift projection ``[scale | shift]``.
     """
 
-    def __init__(self, in_features: int | Sequence[int], out_features: int | Sequence[int], bias: bool = True):
+    def __init__(
+        self, in_features: int | Sequence[int], out_features: int | Sequence[int], bias: bool = True
+    ):
         super().__init__()
         self.in_segments = _segments(in_features)
         self.out_segments = _segments(out_features)
@@ -98,8 +100,15 @@ class DynamicConv(nn.Module):
     temporal one. ``stride`` applies to H and W only. Sizes: ``(in_sizes, out_size)``.
     """
 
-    def __init__(self, in_channels: int | Sequence[int], out_channels: int, kernel_size=(1, 3, 3),
-                 stride: int = 1, bias: bool = True, padding_mode: str = "zeros"):
+    def __init__(
+        self,
+        in_channels: int | Sequence[int],
+        out_channels: int,
+        kernel_size=(1, 3, 3),
+        stride: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ):
         super().__init__()
         self.in_segments = _segments(in_channels)
         self.out_channels = out_channels

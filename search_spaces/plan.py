@@ -60,8 +60,11 @@ class UNetHyper:
         """Inverse of ``to_dict``; also reads configs saved before the extras were named (legacy booleans)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         d = upgrade_config(d)
-        d = {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v)
-             for k, v in d.items() if k in fields}
+        d = {
+            k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v)
+            for k, v in d.items()
+            if k in fields
+        }
         return cls(**d)
 
 
@@ -83,8 +86,8 @@ class BlockPlan:
     """One diffusion block: its stream layer, ResBlock input segments, and which components exist."""
 
     name: str
-    stream: str                # layer name of the residual stream width
-    inputs: tuple[str, ...]    # layer names of the ResBlock's input segments ([h] or [h, skip])
+    stream: str  # layer name of the residual stream width
+    inputs: tuple[str, ...]  # layer names of the ResBlock's input segments ([h] or [h, skip])
     attentions: tuple[str, ...]
     droppable: tuple[str, ...] = field(default=())
 
@@ -153,8 +156,9 @@ class UNetPlan:
         stream = widths[block.stream]
         res = None
         if keep.get("res", True) or "res" not in block.droppable:
-            res = ResSpec(tuple(widths[i] for i in block.inputs), widths[f"{block.name}.res"], stream,
-                          block.skip_conv)
+            res = ResSpec(
+                tuple(widths[i] for i in block.inputs), widths[f"{block.name}.res"], stream, block.skip_conv
+            )
         heads = {a: widths[f"{block.name}.{a}"] if keep.get(a, True) else 0 for a in block.attentions}
         ff = widths.get(f"{block.name}.ff", 0) if any(heads.values()) else 0
         return BlockSpec(stream, res, ff=ff, **heads)
@@ -167,11 +171,21 @@ class UNetPlan:
         specs = {b.name: self.block_spec(b, widths, keep.get(b.name, {})) for b in self.blocks}
         levels = len(h.channel_mult)
         return UNetSpec(
-            in_channels=h.in_channels, out_channels=h.out_channels, cond_channels=h.cond_channels,
-            noise_cond=h.noise_cond, model_channels=h.model_channels, temb_dim=h.model_channels * h.temb_mult,
-            context_dim=h.context_dim, context_len=h.context_len, head_dim=h.head_dim,
-            group_size=h.group_size, max_frames=h.max_frames, temporal_conv=h.temporal_conv,
-            scale_shift=h.scale_shift, padding_mode=h.padding_mode, conv_in=widths["down0.width"],
+            in_channels=h.in_channels,
+            out_channels=h.out_channels,
+            cond_channels=h.cond_channels,
+            noise_cond=h.noise_cond,
+            model_channels=h.model_channels,
+            temb_dim=h.model_channels * h.temb_mult,
+            context_dim=h.context_dim,
+            context_len=h.context_len,
+            head_dim=h.head_dim,
+            group_size=h.group_size,
+            max_frames=h.max_frames,
+            temporal_conv=h.temporal_conv,
+            scale_shift=h.scale_shift,
+            padding_mode=h.padding_mode,
+            conv_in=widths["down0.width"],
             conditioning=h.conditioning,
             down=tuple(tuple(specs[f"down{l}.{i}"] for i in range(h.num_res_blocks)) for l in range(levels)),
             down_widths=tuple(widths[f"down{l}.width"] for l in range(levels)),

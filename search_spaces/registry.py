@@ -14,8 +14,9 @@ _FAMILIES: dict[str, dict[str, UNetHyper]] = {}
 _BUILDERS: dict[str, Callable[[str, str, UNetHyper], Supernet]] = {}
 
 
-def register_family(name: str, presets: dict[str, UNetHyper],
-                    builder: Callable[[str, str, UNetHyper], Supernet] = Supernet) -> None:
+def register_family(
+    name: str, presets: dict[str, UNetHyper], builder: Callable[[str, str, UNetHyper], Supernet] = Supernet
+) -> None:
     if name in _FAMILIES:
         raise ValueError(f"supernet family '{name}' is already registered")
     _FAMILIES[name] = dict(presets)
@@ -39,11 +40,15 @@ def _family(family: str) -> dict[str, UNetHyper]:
 def preset_hyper(family: str, preset: str) -> UNetHyper:
     presets = _family(family)
     if preset not in presets:
-        raise ValueError(f"unknown preset '{preset}' for family '{family}' (known: {', '.join(sorted(presets))})")
+        raise ValueError(
+            f"unknown preset '{preset}' for family '{family}' (known: {', '.join(sorted(presets))})"
+        )
     return presets[preset]
 
 
-def build_supernet(family: str, preset: str = "tiny", hyper: UNetHyper | None = None, **overrides) -> Supernet:
+def build_supernet(
+    family: str, preset: str = "tiny", hyper: UNetHyper | None = None, **overrides
+) -> Supernet:
     """Build a registered family at a preset (``overrides`` replace preset fields, e.g. ``frames=16``)."""
     base = hyper or preset_hyper(family, preset)
     if overrides:

@@ -30,10 +30,18 @@ def _rng(rng) -> np.random.Generator:
 class SearchSpace:
     """The space of one supernet family. ``param_counter(cfg)`` counts a subnet's parameters exactly."""
 
-    def __init__(self, family: str, layers: Sequence[Layer], blocks: Sequence[BlockPlan],
-                 resolutions: Sequence[int], size_caps: Sequence[float],
-                 param_counter: Callable[[SubnetConfig], int], ratios: Sequence[float] = RATIOS,
-                 min_keep: float = MIN_KEEP, text_path: str | None = None):
+    def __init__(
+        self,
+        family: str,
+        layers: Sequence[Layer],
+        blocks: Sequence[BlockPlan],
+        resolutions: Sequence[int],
+        size_caps: Sequence[float],
+        param_counter: Callable[[SubnetConfig], int],
+        ratios: Sequence[float] = RATIOS,
+        min_keep: float = MIN_KEEP,
+        text_path: str | None = None,
+    ):
         self.family = family
         self.layers = {layer.name: layer for layer in layers}
         self.blocks = {b.name: b for b in blocks}
@@ -42,7 +50,9 @@ class SearchSpace:
         self.ratios = tuple(sorted(ratios, reverse=True))
         self.min_keep = min_keep
         self.text_path = text_path
-        self._text_paths = frozenset(bc for bc in self.droppable() if bc[1] == text_path)  # validate's hot path
+        self._text_paths = frozenset(
+            bc for bc in self.droppable() if bc[1] == text_path
+        )  # validate's hot path
         self._count = param_counter
         self._total: int | None = None
         self._smallest: dict[int, SubnetConfig] = {}
@@ -52,8 +62,12 @@ class SearchSpace:
     def default_resolution(self) -> int:
         return self.resolutions[0]
 
-    def _make(self, resolution: int | None, ratio: dict[str, float] | float,
-              drop: set[tuple[str, str]] = frozenset()) -> SubnetConfig:
+    def _make(
+        self,
+        resolution: int | None,
+        ratio: dict[str, float] | float,
+        drop: set[tuple[str, str]] = frozenset(),
+    ) -> SubnetConfig:
         ratios = ratio if isinstance(ratio, dict) else {name: ratio for name in self.layers}
         keep = {b.name: {c: (b.name, c) not in drop for c in b.components} for b in self.blocks.values()}
         return SubnetConfig.create(self.family, resolution or self.default_resolution, ratios, keep)
@@ -68,8 +82,10 @@ class SearchSpace:
         if resolution not in self._smallest:
             floor = self._make(resolution, self.ratios[-1])
             base = self._count(floor)
-            saving = {bc: base - self._count(self._make(resolution, self.ratios[-1], {bc}))
-                      for bc in self.droppable()}
+            saving = {
+                bc: base - self._count(self._make(resolution, self.ratios[-1], {bc}))
+                for bc in self.droppable()
+            }
             ranked = sorted(self.droppable(), key=lambda bc: -saving[bc])  # stable: ties keep space order
             text, drop = self.text_paths(), set()
             for bc in ranked:
@@ -122,8 +138,10 @@ class SearchSpace:
         if cfg.family != self.family:
             raise ConfigError(f"config is for family '{cfg.family}' but this supernet is '{self.family}'")
         if cfg.resolution not in self.resolutions:
-            raise ConfigError(f"resolution {cfg.resolution} is not one this supernet was trained for "
-                              f"(choose from {list(self.resolutions)})")
+            raise ConfigError(
+                f"resolution {cfg.resolution} is not one this supernet was trained for "
+                f"(choose from {list(self.resolutions)})"
+            )
         ratios = cfg.ratio_map
         for name in ratios:
             if name not in self.layers:
@@ -132,8 +150,9 @@ class SearchSpace:
             if name not in ratios:
                 raise ConfigError(f"layer '{name}' has no ratio in config")
             if not any(math.isclose(ratios[name], r) for r in self.ratios):
-                raise ConfigError(f"layer '{name}' has ratio {ratios[name]}, outside the space "
-                                  f"{list(self.ratios)}")
+                raise ConfigError(
+                    f"layer '{name}' has ratio {ratios[name]}, outside the space {list(self.ratios)}"
+                )
         keep = cfg.keep_map
         for name in keep:
             if name not in self.blocks:
@@ -144,21 +163,28 @@ class SearchSpace:
                 raise ConfigError(f"block '{block.name}' must give keep flags for {list(block.components)}")
             for comp, kept in flags.items():
                 if not kept and comp not in block.droppable:
-                    raise ConfigError(f"block '{block.name}' cannot drop its {comp}: that ResBlock changes "
-                                      "the stream width")
+                    raise ConfigError(
+                        f"block '{block.name}' cannot drop its {comp}: that ResBlock changes the stream width"
+                    )
         dropped = sum(not keep[b][c] for b, c in self.droppable())
         if dropped > self.max_drops:
-            raise ConfigError(f"config drops {dropped} of {len(self.droppable())} droppable components; the "
-                              f"supernet is trained keeping at least {self.min_keep:.0%} of them (at most "
-                              f"{self.max_drops} dropped): keep more components")
+            raise ConfigError(
+                f"config drops {dropped} of {len(self.droppable())} droppable components; the "
+                f"supernet is trained keeping at least {self.min_keep:.0%} of them (at most "
+                f"{self.max_drops} dropped): keep more components"
+            )
         if self.text_paths() and all(not keep[b][c] for b, c in self.text_paths()):
-            raise ConfigError(f"config drops every {self.text_path} (cross-attention) block, so the subnet "
-                              "cannot see its prompt: keep at least one")
+            raise ConfigError(
+                f"config drops every {self.text_path} (cross-attention) block, so the subnet "
+                "cannot see its prompt: keep at least one"
+            )
         cap = self.size_caps[cfg.resolution]
         frac = self.param_fraction(cfg)
         if frac > cap + 1e-9:
-            raise ConfigError(f"config has {frac:.1%} of the supernet's parameters, over the {cap:.0%} cap "
-                              f"at {cfg.resolution}px; shrink ratios or drop components")
+            raise ConfigError(
+                f"config has {frac:.1%} of the supernet's parameters, over the {cap:.0%} cap "
+                f"at {cfg.resolution}px; shrink ratios or drop components"
+            )
         return cfg
 
     def fits(self, cfg: SubnetConfig) -> bool:
@@ -191,8 +217,14 @@ class SearchSpace:
                 out.append(res)
         return out
 
-    def sample(self, rng=None, min_ratio: float = 0.4, min_keep: float = 0.4, resolution: int | None = None,
-               max_tries: int = 500) -> SubnetConfig:
+    def sample(
+        self,
+        rng=None,
+        min_ratio: float = 0.4,
+        min_keep: float = 0.4,
+        resolution: int | None = None,
+        max_tries: int = 500,
+    ) -> SubnetConfig:
         """Uniform ratios from ``[min_ratio, 1]`` per layer; a number of dropped components drawn uniformly
         from ``0 .. floor((1 - min_keep) * droppable)`` (``min_keep`` never below the space's); a resolution drawn among those whose cap can be
         met (or the one given). Rejection-samples until the resolution's size cap holds."""
@@ -203,8 +235,9 @@ class SearchSpace:
         if resolution is None:
             feasible = self.feasible_resolutions(min_ratio, min_keep)
             if not feasible:
-                raise ConfigError(f"no resolution's size cap can be met with min_ratio={min_ratio}, "
-                                  f"min_keep={min_keep}")
+                raise ConfigError(
+                    f"no resolution's size cap can be met with min_ratio={min_ratio}, min_keep={min_keep}"
+                )
             resolution = int(rng.choice(feasible))
         for _ in range(max_tries):
             ratios = {name: float(rng.choice(choices)) for name in self.layers}
@@ -213,8 +246,10 @@ class SearchSpace:
             cfg = self._make(resolution, ratios, {droppable[i] for i in picked})
             if self.fits(cfg):
                 return cfg
-        raise ConfigError(f"no config under the {self.size_caps[resolution]:.0%} size cap at {resolution}px "
-                          f"found in {max_tries} draws (min_ratio={min_ratio}, min_keep={min_keep})")
+        raise ConfigError(
+            f"no config under the {self.size_caps[resolution]:.0%} size cap at {resolution}px "
+            f"found in {max_tries} draws (min_ratio={min_ratio}, min_keep={min_keep})"
+        )
 
     # -- evolution operators -------------------------------------------------------------------------
     def mutate(self, cfg: SubnetConfig, rng=None, prob: float = 0.1, max_tries: int = 100) -> SubnetConfig:
@@ -222,8 +257,10 @@ class SearchSpace:
         retried until the result fits its size cap."""
         rng = _rng(rng)
         for _ in range(max_tries):
-            ratios = {k: (float(rng.choice(self.ratios)) if rng.random() < prob else v)
-                      for k, v in cfg.ratio_map.items()}
+            ratios = {
+                k: (float(rng.choice(self.ratios)) if rng.random() < prob else v)
+                for k, v in cfg.ratio_map.items()
+            }
             keep = cfg.keep_map
             for block, comp in self.droppable():
                 if rng.random() < prob:
@@ -236,12 +273,16 @@ class SearchSpace:
     def crossover(self, a: SubnetConfig, b: SubnetConfig, rng=None, max_tries: int = 100) -> SubnetConfig:
         """Uniform crossover gene by gene (ratios and keep flags); parents must share a resolution."""
         if a.resolution != b.resolution:
-            raise ConfigError(f"crossover needs parents at one resolution, got {a.resolution} and {b.resolution}")
+            raise ConfigError(
+                f"crossover needs parents at one resolution, got {a.resolution} and {b.resolution}"
+            )
         rng = _rng(rng)
         ra, rb, ka, kb = a.ratio_map, b.ratio_map, a.keep_map, b.keep_map
         for _ in range(max_tries):
             ratios = {k: (ra[k] if rng.random() < 0.5 else rb[k]) for k in ra}
-            keep = {blk: {c: (ka[blk][c] if rng.random() < 0.5 else kb[blk][c]) for c in ka[blk]} for blk in ka}
+            keep = {
+                blk: {c: (ka[blk][c] if rng.random() < 0.5 else kb[blk][c]) for c in ka[blk]} for blk in ka
+            }
             child = a.replace(ratios=ratios, keep=keep)
             if self.fits(child):
                 return child

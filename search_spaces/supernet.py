@@ -27,14 +27,22 @@ class Supernet(VideoUNet):
         self.unet_plan = UNetPlan(hyper)
         super().__init__(self.unet_plan.resolve(self._full_config(family, hyper)), frames=hyper.frames)
         self.family, self.preset, self.hyper = family, preset, hyper
-        self.space = SearchSpace(family, list(self.unet_plan.layers.values()), self.unet_plan.blocks, hyper.resolutions,
-                                 hyper.size_caps, self.count_params,
-                                 text_path="temporal_cross" if hyper.context_dim else None)
+        self.space = SearchSpace(
+            family,
+            list(self.unet_plan.layers.values()),
+            self.unet_plan.blocks,
+            hyper.resolutions,
+            hyper.size_caps,
+            self.count_params,
+            text_path="temporal_cross" if hyper.context_dim else None,
+        )
         self.active: SubnetConfig | None = None
 
     def _full_config(self, family: str, hyper: UNetHyper) -> SubnetConfig:
         keep = {b.name: {c: True for c in b.components} for b in self.unet_plan.blocks}
-        return SubnetConfig.create(family, hyper.resolutions[0], {n: 1.0 for n in self.unet_plan.layers}, keep)
+        return SubnetConfig.create(
+            family, hyper.resolutions[0], {n: 1.0 for n in self.unet_plan.layers}, keep
+        )
 
     # -- subnets -------------------------------------------------------------------------------------
     def set_active(self, cfg: SubnetConfig | None) -> None:
@@ -43,8 +51,16 @@ class Supernet(VideoUNet):
     def spec_for(self, cfg: SubnetConfig) -> UNetSpec:
         return self.unet_plan.resolve(cfg)
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, low_res=None, noise_level=None,
-                subnet: SubnetConfig | None = None, spec: UNetSpec | None = None):
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states=None,
+        low_res=None,
+        noise_level=None,
+        subnet: SubnetConfig | None = None,
+        spec: UNetSpec | None = None,
+    ):
         if spec is None:
             cfg = subnet or self.active
             spec = self.spec if cfg is None else self.unet_plan.resolve(cfg)
@@ -78,8 +94,10 @@ class Supernet(VideoUNet):
         regions = {}
         for name, ranges in self.active_ranges(cfg).items():
             shape = shapes[name]
-            dims = [[(0, shape[d])] if d >= len(ranges) or ranges[d] is None else ranges[d]
-                    for d in range(len(shape))]
+            dims = [
+                [(0, shape[d])] if d >= len(ranges) or ranges[d] is None else ranges[d]
+                for d in range(len(shape))
+            ]
             regions[name] = [tuple(slice(a, b) for a, b in block) for block in itertools.product(*dims)]
         return regions
 
@@ -101,29 +119,41 @@ class Supernet(VideoUNet):
         return static
 
     # -- inputs --------------------------------------------------------------------------------------
-    def dummy_inputs(self, cfg: SubnetConfig | None = None, batch_size: int = 1, frames: int | None = None,
-                     seed: int = 0) -> dict[str, torch.Tensor]:
+    def dummy_inputs(
+        self, cfg: SubnetConfig | None = None, batch_size: int = 1, frames: int | None = None, seed: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Keyword inputs of one forward at ``cfg``'s resolution (random, seeded)."""
         cfg = cfg or self.space.largest()
-        return make_dummy_inputs(self.spec, cfg.resolution, frames or self.frames, batch_size, seed,
-                                 self.conv_in.weight.device)
+        return make_dummy_inputs(
+            self.spec, cfg.resolution, frames or self.frames, batch_size, seed, self.conv_in.weight.device
+        )
 
     # -- persistence ---------------------------------------------------------------------------------
     def config_dict(self) -> dict:
-        return {"kind": "supernet", "family": self.family, "preset": self.preset, "hyper": self.hyper.to_dict()}
+        return {
+            "kind": "supernet",
+            "family": self.family,
+            "preset": self.preset,
+            "hyper": self.hyper.to_dict(),
+        }
 
     def save_pretrained(self, directory: str | Path) -> None:
         save_module(self, directory, self.config_dict())
 
 
-def make_dummy_inputs(spec: UNetSpec, resolution: int, frames: int, batch_size: int, seed: int,
-                      device=None) -> dict[str, torch.Tensor]:
+def make_dummy_inputs(
+    spec: UNetSpec, resolution: int, frames: int, batch_size: int, seed: int, device=None
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     r = resolution
-    inputs = {"sample": torch.randn(batch_size, spec.in_channels, frames, r, r, generator=g),
-              "timestep": torch.randint(0, 1000, (batch_size,), generator=g)}
+    inputs = {
+        "sample": torch.randn(batch_size, spec.in_channels, frames, r, r, generator=g),
+        "timestep": torch.randint(0, 1000, (batch_size,), generator=g),
+    }
     if spec.context_dim:
-        inputs["encoder_hidden_states"] = torch.randn(batch_size, spec.context_len, spec.context_dim, generator=g)
+        inputs["encoder_hidden_states"] = torch.randn(
+            batch_size, spec.context_len, spec.context_dim, generator=g
+        )
     if spec.cond_channels:
         inputs["low_res"] = torch.randn(batch_size, spec.cond_channels, frames, r // 2, r // 2, generator=g)
     if spec.noise_cond:
@@ -133,8 +163,12 @@ def make_dummy_inputs(spec: UNetSpec, resolution: int, frames: int, batch_size: 
 
 def static_config_dict(model: VideoUNet) -> dict:
     cfg = model.subnet_config
-    return {"kind": "subnet", "spec": model.spec.to_dict(), "frames": model.frames,
-            "subnet": None if cfg is None else cfg.to_dict()}
+    return {
+        "kind": "subnet",
+        "spec": model.spec.to_dict(),
+        "frames": model.frames,
+        "subnet": None if cfg is None else cfg.to_dict(),
+    }
 
 
 def save_static(model: VideoUNet, directory: str | Path, extra: dict | None = None) -> None:

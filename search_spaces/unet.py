@@ -28,13 +28,13 @@ from .ops import DynamicConv, DynamicGroupNorm
 class UNetSpec:
     """Every size of a video UNet. Widths are channel counts; heads are counts (head dim fixed)."""
 
-    in_channels: int          # channels of the noisy sample
-    out_channels: int         # channels of the prediction
-    cond_channels: int        # channels of the upsampled low-res video concatenated to the input (SSR); 0 = none
-    noise_cond: bool          # embed a noise-augmentation level (SSR)
-    model_channels: int       # sinusoidal timestep embedding size
+    in_channels: int  # channels of the noisy sample
+    out_channels: int  # channels of the prediction
+    cond_channels: int  # channels of the upsampled low-res video concatenated to the input (SSR); 0 = none
+    noise_cond: bool  # embed a noise-augmentation level (SSR)
+    model_channels: int  # sinusoidal timestep embedding size
     temb_dim: int
-    context_dim: int          # text-token dim; 0 = unconditional
+    context_dim: int  # text-token dim; 0 = unconditional
     context_len: int
     head_dim: int
     group_size: int
@@ -42,13 +42,13 @@ class UNetSpec:
     temporal_conv: bool
     scale_shift: bool
     padding_mode: str
-    conv_in: int                           # width after conv_in (= first encoder stream)
+    conv_in: int  # width after conv_in (= first encoder stream)
     down: tuple[tuple[BlockSpec, ...], ...]  # per level
-    down_widths: tuple[int, ...]           # stream width per encoder level (downsamplers run at it)
+    down_widths: tuple[int, ...]  # stream width per encoder level (downsamplers run at it)
     mid: tuple[BlockSpec, ...]
     up: tuple[tuple[BlockSpec, ...], ...]  # per level, index = level (level 0 = full resolution)
     up_widths: tuple[int, ...]
-    conditioning: tuple[str, ...] = ()     # names of the extra input embeddings (see ``conditioning``)
+    conditioning: tuple[str, ...] = ()  # names of the extra input embeddings (see ``conditioning``)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "conditioning", validate_conditioning(self.conditioning, self.context_dim))
@@ -60,7 +60,9 @@ class UNetSpec:
     def from_dict(cls, d: dict) -> UNetSpec:
         def block(b: dict) -> BlockSpec:
             res = b["res"]
-            res = ResSpec(tuple(res["in_sizes"]), res["hidden"], res["out"], res["skip_conv"]) if res else None
+            res = (
+                ResSpec(tuple(res["in_sizes"]), res["hidden"], res["out"], res["skip_conv"]) if res else None
+            )
             return BlockSpec(**{**b, "res": res})
 
         d = upgrade_config(d)  # configs saved before the extras were named
@@ -91,27 +93,47 @@ class VideoUNet(DynamicModule):
         self.frames: int = spec.max_frames if frames is None else frames
         self.subnet_config: SubnetConfig | None = subnet
         s = spec
-        self.time_embed = nn.Sequential(nn.Linear(s.model_channels, s.temb_dim), nn.SiLU(),
-                                        nn.Linear(s.temb_dim, s.temb_dim))
-        self.noise_embed = (nn.Sequential(nn.Linear(s.model_channels, s.temb_dim), nn.SiLU(),
-                                          nn.Linear(s.temb_dim, s.temb_dim)) if s.noise_cond else None)
+        self.time_embed = nn.Sequential(
+            nn.Linear(s.model_channels, s.temb_dim), nn.SiLU(), nn.Linear(s.temb_dim, s.temb_dim)
+        )
+        self.noise_embed = (
+            nn.Sequential(
+                nn.Linear(s.model_channels, s.temb_dim), nn.SiLU(), nn.Linear(s.temb_dim, s.temb_dim)
+            )
+            if s.noise_cond
+            else None
+        )
         if s.context_dim:
             self.null_text = nn.Parameter(torch.randn(1, s.context_len, s.context_dim) * 0.02)
-        self.conv_in = DynamicConv(s.in_channels + s.cond_channels, s.conv_in, (1, 3, 3),
-                                   padding_mode=s.padding_mode)
+        self.conv_in = DynamicConv(
+            s.in_channels + s.cond_channels, s.conv_in, (1, 3, 3), padding_mode=s.padding_mode
+        )
 
         def blocks(specs):
             return nn.ModuleList(
-                DiffusionBlock(b, s.temb_dim, s.context_dim, s.head_dim, s.group_size, s.max_frames,
-                               s.temporal_conv, s.scale_shift, s.padding_mode) for b in specs)
+                DiffusionBlock(
+                    b,
+                    s.temb_dim,
+                    s.context_dim,
+                    s.head_dim,
+                    s.group_size,
+                    s.max_frames,
+                    s.temporal_conv,
+                    s.scale_shift,
+                    s.padding_mode,
+                )
+                for b in specs
+            )
 
         self.down = nn.ModuleList(blocks(level) for level in s.down)
-        self.downsample = nn.ModuleList(DynamicConv(w, w, (1, 3, 3), stride=2, padding_mode=s.padding_mode)
-                                        for w in s.down_widths[:-1])
+        self.downsample = nn.ModuleList(
+            DynamicConv(w, w, (1, 3, 3), stride=2, padding_mode=s.padding_mode) for w in s.down_widths[:-1]
+        )
         self.mid = blocks(s.mid)
         self.up = nn.ModuleList(blocks(level) for level in s.up)
-        self.upsample = nn.ModuleList(DynamicConv(w, w, (1, 3, 3), padding_mode=s.padding_mode)
-                                      for w in s.up_widths[1:])
+        self.upsample = nn.ModuleList(
+            DynamicConv(w, w, (1, 3, 3), padding_mode=s.padding_mode) for w in s.up_widths[1:]
+        )
         self.norm_out = DynamicGroupNorm(s.up_widths[0], s.group_size)
         self.conv_out = DynamicConv(s.up_widths[0], s.out_channels, (1, 3, 3), padding_mode=s.padding_mode)
         nn.init.zeros_(self.conv_out.weight)
@@ -122,10 +144,12 @@ class VideoUNet(DynamicModule):
 
     # -- sizes ---------------------------------------------------------------------------------------
     def plan(self, spec: UNetSpec) -> dict[str, object]:
-        p: dict[str, object] = {"time_embed": FULL,
-                                "conv_in": ((spec.in_channels + spec.cond_channels,), spec.conv_in),
-                                "norm_out": (spec.up_widths[0],),
-                                "conv_out": ((spec.up_widths[0],), spec.out_channels)}
+        p: dict[str, object] = {
+            "time_embed": FULL,
+            "conv_in": ((spec.in_channels + spec.cond_channels,), spec.conv_in),
+            "norm_out": (spec.up_widths[0],),
+            "conv_out": ((spec.up_widths[0],), spec.out_channels),
+        }
         if self.noise_embed is not None:
             p["noise_embed"] = FULL
         p.update(self.conditioning.plan(spec))
@@ -146,26 +170,39 @@ class VideoUNet(DynamicModule):
         out = {name: (None,) * p.dim() for name, p in self._parameters.items() if p is not None}
         for path, child_spec in self.plan(spec).items():
             child = self.get_submodule(path)
-            ranges = ({n: (None,) * p.dim() for n, p in child.named_parameters()} if child_spec is FULL
-                      else child.param_ranges(child_spec))
+            ranges = (
+                {n: (None,) * p.dim() for n, p in child.named_parameters()}
+                if child_spec is FULL
+                else child.param_ranges(child_spec)
+            )
             out.update({f"{path}.{n}": r for n, r in ranges.items()})
         return out
 
     # -- forward -------------------------------------------------------------------------------------
-    def embed(self, timestep: torch.Tensor, noise_level: torch.Tensor | None, batch: int,
-              frames: int, context: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        timestep: torch.Tensor,
+        noise_level: torch.Tensor | None,
+        batch: int,
+        frames: int,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Time (+ noise-augmentation level) embedding ``(B, temb_dim)``, then the conditioning extras'
         additions (text tokens ``context`` ``(B, L, D)``): ``(B, temb_dim)`` or per frame
         ``(B, T, temb_dim)``."""
         t = timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep.reshape(-1)
-        temb = self.time_embed(get_timestep_embedding(t, self.spec.model_channels, flip_sin_to_cos=True,
-                                                      downscale_freq_shift=0).to(self.conv_in.weight.dtype))
+        temb = self.time_embed(
+            get_timestep_embedding(
+                t, self.spec.model_channels, flip_sin_to_cos=True, downscale_freq_shift=0
+            ).to(self.conv_in.weight.dtype)
+        )
         if self.noise_embed is not None:
             if noise_level is None:
                 noise_level = torch.zeros(batch, device=temb.device)
             level = noise_level.reshape(-1).expand(batch) if noise_level.numel() == 1 else noise_level
-            emb = get_timestep_embedding(level.float() * 1000, self.spec.model_channels, flip_sin_to_cos=True,
-                                         downscale_freq_shift=0)
+            emb = get_timestep_embedding(
+                level.float() * 1000, self.spec.model_channels, flip_sin_to_cos=True, downscale_freq_shift=0
+            )
             temb = temb + self.noise_embed(emb.to(temb.dtype))
         return self.conditioning.time_embedding(temb, context, frames)
 
@@ -176,9 +213,15 @@ class VideoUNet(DynamicModule):
             return self.null_text.expand(batch, -1, -1)
         return encoder_hidden_states.to(self.null_text.dtype)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float,
-                encoder_hidden_states: torch.Tensor | None = None, low_res: torch.Tensor | None = None,
-                noise_level: torch.Tensor | None = None, spec: UNetSpec | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor | None = None,
+        low_res: torch.Tensor | None = None,
+        noise_level: torch.Tensor | None = None,
+        spec: UNetSpec | None = None,
+    ) -> torch.Tensor:
         spec = spec or self.spec
         b, _, t, h, w = sample.shape
         if h % (2 ** (len(spec.down) - 1)) or w % (2 ** (len(spec.down) - 1)):
@@ -191,8 +234,12 @@ class VideoUNet(DynamicModule):
         if spec.cond_channels:
             if low_res is None:
                 raise ValueError("this super-resolution model needs low_res=(B, 3, T, h, w)")
-            up = F.interpolate(low_res.transpose(1, 2).reshape(b * t, -1, *low_res.shape[-2:]), size=(h, w),
-                               mode="bilinear", align_corners=False)  # (B*T, 3, H, W)
+            up = F.interpolate(
+                low_res.transpose(1, 2).reshape(b * t, -1, *low_res.shape[-2:]),
+                size=(h, w),
+                mode="bilinear",
+                align_corners=False,
+            )  # (B*T, 3, H, W)
             x = torch.cat([x, up.reshape(b, t, -1, h, w).transpose(1, 2)], dim=1)
         x = self.conditioning.features(self.conv_in(x, p["conv_in"]), temb, context, spec)  # (B, C, T, H, W)
         skips = [x]
@@ -211,9 +258,15 @@ class VideoUNet(DynamicModule):
                 x = self.up[level][i](x, temb, context, block_spec)
             if level > 0:
                 bt = x.shape[0] * x.shape[2]
-                x = F.interpolate(x.transpose(1, 2).reshape(bt, x.shape[1], *x.shape[-2:]), scale_factor=2,
-                                  mode="nearest").reshape(x.shape[0], x.shape[2], x.shape[1],
-                                                          x.shape[3] * 2, x.shape[4] * 2).transpose(1, 2)
+                x = (
+                    F.interpolate(
+                        x.transpose(1, 2).reshape(bt, x.shape[1], *x.shape[-2:]),
+                        scale_factor=2,
+                        mode="nearest",
+                    )
+                    .reshape(x.shape[0], x.shape[2], x.shape[1], x.shape[3] * 2, x.shape[4] * 2)
+                    .transpose(1, 2)
+                )
                 x = self.upsample[level - 1](x, p[f"upsample.{level - 1}"])
         x = F.silu(self.norm_out(x, p["norm_out"]))
         return self.conv_out(x, p["conv_out"])

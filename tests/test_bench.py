@@ -14,8 +14,15 @@ ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, "-m", "harness.bench", *args], cwd=REPO, env=ENV, text=True,
-                          capture_output=True, timeout=1200, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.bench", *args],
+        cwd=REPO,
+        env=ENV,
+        text=True,
+        capture_output=True,
+        timeout=1200,
+        check=False,
+    )
 
 
 def test_perturbed_baseline_fails_with_a_readable_verdict(tmp_path):
@@ -40,4 +47,10 @@ def test_full_bench_passes_against_committed_baselines(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert all(r["verdict"] in ("ok", "info") for r in rows)
-    assert {r["metric"].split("/")[0] for r in rows} >= {"pixel-base", "pixel-ssr", "latency", "training", "quality"}
+    assert {r["metric"].split("/")[0] for r in rows} >= {
+        "pixel-base",
+        "pixel-ssr",
+        "latency",
+        "training",
+        "quality",
+    }

@@ -28,7 +28,13 @@ from search_spaces.supernet import static_config_dict
 from .conftest import randomize_
 
 CHECKPOINTS = "results/checkpoints"
-LEGACY_FLAGS = ("frame_embedding", "pooled_text", "position_embedding", "position_modulation", "position_velocity")
+LEGACY_FLAGS = (
+    "frame_embedding",
+    "pooled_text",
+    "position_embedding",
+    "position_modulation",
+    "position_velocity",
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +66,13 @@ class ChannelBias(cond.ConditioningExtra):
 
 # -- registry and validation -------------------------------------------------------------------------
 def test_registry_lists_the_built_in_extras_in_application_order():
-    assert list_conditioning()[:5] == ["pooled_text", "frame_embedding", "position_embedding",
-                                       "position_modulation", "position_velocity"]
+    assert list_conditioning()[:5] == [
+        "pooled_text",
+        "frame_embedding",
+        "position_embedding",
+        "position_modulation",
+        "position_velocity",
+    ]
 
 
 def test_registering_twice_or_a_non_extra_is_refused(registry):
@@ -71,14 +82,25 @@ def test_registering_twice_or_a_non_extra_is_refused(registry):
         register_conditioning("not_an_extra", torch.nn.Linear)
 
 
-@pytest.mark.parametrize("changes,needle", [
-    ({"conditioning": ("shadows",)}, "unknown conditioning extra 'shadows' (known: pooled_text, frame_embedding"),
-    ({"conditioning": ("position_modulation",)}, "'position_modulation' needs 'position_embedding'"),
-    ({"conditioning": ("position_embedding", "position_velocity"), "context_dim": 0},
-     "'position_velocity' needs a text-conditioned model (context_dim > 0)"),
-    ({"conditioning": ("pooled_text",), "context_dim": 0}, "'pooled_text' needs a text-conditioned model"),
-    ({"conditioning": ("pooled_text", "pooled_text")}, "lists an extra twice"),
-])
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        (
+            {"conditioning": ("shadows",)},
+            "unknown conditioning extra 'shadows' (known: pooled_text, frame_embedding",
+        ),
+        ({"conditioning": ("position_modulation",)}, "'position_modulation' needs 'position_embedding'"),
+        (
+            {"conditioning": ("position_embedding", "position_velocity"), "context_dim": 0},
+            "'position_velocity' needs a text-conditioned model (context_dim > 0)",
+        ),
+        (
+            {"conditioning": ("pooled_text",), "context_dim": 0},
+            "'pooled_text' needs a text-conditioned model",
+        ),
+        ({"conditioning": ("pooled_text", "pooled_text")}, "lists an extra twice"),
+    ],
+)
 def test_invalid_conditioning_is_a_one_line_error(base, changes, needle):
     for build in (lambda: UNetHyper(**changes), lambda: dataclasses.replace(base.spec, **changes)):
         with pytest.raises(ValueError) as e:
@@ -115,8 +137,9 @@ def test_legacy_spec_flags_read_as_conditioning(base):
     legacy = {k: v for k, v in spec.to_dict().items() if k != "conditioning"}
     legacy |= dict.fromkeys(LEGACY_FLAGS, True) | {"position_velocity": False}
     read = UNetSpec.from_dict(json.loads(json.dumps(legacy)))
-    assert read == dataclasses.replace(spec, conditioning=tuple(n for n in spec.conditioning
-                                                                  if n != "position_velocity"))
+    assert read == dataclasses.replace(
+        spec, conditioning=tuple(n for n in spec.conditioning if n != "position_velocity")
+    )
     assert UNetSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     with pytest.raises(ValueError, match="both 'conditioning' and the legacy flags"):
         UNetHyper.from_dict({"conditioning": ["pooled_text"], "pooled_text": True})
@@ -132,13 +155,26 @@ def test_legacy_key_map():
         "velocity": "conditioning.position_velocity.velocity",
         "moving_position_embed": "conditioning.position_velocity.embed",
     }
-    names = ["frame_embed", "frame_embed.ema_count", "position_embed.weight.exp_avg", "moving_position_embed.bias",
-             "velocity.weight", "time_embed.0.weight", "conditioning.pooled_text.proj.bias", "position_embedding_x"]
+    names = [
+        "frame_embed",
+        "frame_embed.ema_count",
+        "position_embed.weight.exp_avg",
+        "moving_position_embed.bias",
+        "velocity.weight",
+        "time_embed.0.weight",
+        "conditioning.pooled_text.proj.bias",
+        "position_embedding_x",
+    ]
     assert upgrade_state_dict(names) == [
-        "conditioning.frame_embedding.embed", "conditioning.frame_embedding.embed.ema_count",
-        "conditioning.position_embedding.embed.weight.exp_avg", "conditioning.position_velocity.embed.bias",
-        "conditioning.position_velocity.velocity.weight", "time_embed.0.weight",
-        "conditioning.pooled_text.proj.bias", "position_embedding_x"]
+        "conditioning.frame_embedding.embed",
+        "conditioning.frame_embedding.embed.ema_count",
+        "conditioning.position_embedding.embed.weight.exp_avg",
+        "conditioning.position_velocity.embed.bias",
+        "conditioning.position_velocity.velocity.weight",
+        "time_embed.0.weight",
+        "conditioning.pooled_text.proj.bias",
+        "position_embedding_x",
+    ]
     with pytest.raises(ValueError, match="under both its legacy and its current name"):
         upgrade_state_dict({"frame_embed": 0, "conditioning.frame_embedding.embed": 1})
 
@@ -153,7 +189,9 @@ def test_shipped_weights_load_under_the_new_names(base):
     assert torch.equal(fresh.conditioning.frame_embedding.embed, weights["frame_embed"].float())
     nested = torch.nn.Sequential(build_supernet("pixel-base", "tiny"))
     nested.load_state_dict({f"0.{k}": v for k, v in weights.items()})  # under a prefix too
-    assert torch.equal(nested[0].conditioning.position_velocity.velocity.weight, weights["velocity.weight"].float())
+    assert torch.equal(
+        nested[0].conditioning.position_velocity.velocity.weight, weights["velocity.weight"].float()
+    )
 
 
 def test_a_subnet_exported_before_the_rename_loads(base, tmp_path):
@@ -161,7 +199,9 @@ def test_a_subnet_exported_before_the_rename_loads(base, tmp_path):
     static = base.extract(cfg)
     save_static(static, tmp_path)
     old_names = {new: old for old, new in legacy_key_map().items()}
-    weights = {cond.upgrade_key(k, old_names): v for k, v in load_file(str(tmp_path / "model.safetensors")).items()}
+    weights = {
+        cond.upgrade_key(k, old_names): v for k, v in load_file(str(tmp_path / "model.safetensors")).items()
+    }
     assert "frame_embed" in weights and "velocity.weight" in weights
     save_file(weights, str(tmp_path / "model.safetensors"))
     config = static_config_dict(static)
@@ -181,7 +221,9 @@ def test_a_registered_extra_is_sliced_counted_and_extracted_like_any_layer(regis
     hyper = dataclasses.replace(preset_hyper("pixel-ssr", "tiny"), conditioning=("channel_bias",))
     net = randomize_(build_supernet("pixel-ssr", "tiny", hyper=hyper), seed=1)
     assert {n for n, _ in net.named_parameters() if n.startswith("conditioning.")} == {
-        "conditioning.channel_bias.proj.weight", "conditioning.channel_bias.proj.bias"}
+        "conditioning.channel_bias.proj.weight",
+        "conditioning.channel_bias.proj.bias",
+    }
     cfg = net.space.smallest()
     static = net.extract(cfg)
     inputs = net.dummy_inputs(cfg, frames=4)

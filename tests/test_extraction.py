@@ -27,8 +27,12 @@ def _without(net, extra: str) -> tuple[str, ...]:
     return tuple(kept)
 
 
-EXTRAS = [(family, extra) for family in list_families() if "tiny" in list_presets(family)
-          for extra in preset_hyper(family, "tiny").conditioning]
+EXTRAS = [
+    (family, extra)
+    for family in list_families()
+    if "tiny" in list_presets(family)
+    for extra in preset_hyper(family, "tiny").conditioning
+]
 
 
 @pytest.mark.parametrize("family,extra", EXTRAS)
@@ -40,8 +44,12 @@ def test_zero_initialised_additions_are_the_network_without_them(tiny_nets, fami
     kept = _without(net, extra)
     plain = build_supernet(family, "tiny", hyper=dataclasses.replace(net.hyper, conditioning=kept))
     missing, unexpected = plain.load_state_dict(net.state_dict(), strict=False)
-    removed = sorted(f"conditioning.{n}.{p}" for n in net.hyper.conditioning if n not in kept
-                     for p, _ in net.conditioning[n].named_parameters())
+    removed = sorted(
+        f"conditioning.{n}.{p}"
+        for n in net.hyper.conditioning
+        if n not in kept
+        for p, _ in net.conditioning[n].named_parameters()
+    )
     assert not missing and sorted(unexpected) == removed
     own = [k for k in removed if k.startswith(f"conditioning.{extra}.")]
     cfg = net.space.sample(2)
@@ -52,7 +60,9 @@ def test_zero_initialised_additions_are_the_network_without_them(tiny_nets, fami
             for k in removed:
                 net.state_dict()[k].zero_()
             # Equal up to float rounding: a per-frame time embedding runs the projections on another shape.
-            torch.testing.assert_close(net(**inputs, subnet=cfg), plain(**inputs, subnet=cfg), atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                net(**inputs, subnet=cfg), plain(**inputs, subnet=cfg), atol=1e-6, rtol=0
+            )
             for k in own:
                 net.state_dict()[k].copy_(saved[k])
             change = (net(**inputs, subnet=cfg) - plain(**inputs, subnet=cfg)).abs().max()

@@ -58,7 +58,9 @@ def test_every_preset_builds_and_counts_on_meta(family, preset):
 def test_sliced_equals_extracted(family, tiny_nets):
     net = tiny_nets[family]
     for res in net.space.resolutions:
-        for i, cfg in enumerate(_configs(net.space, res, N_RANDOM, seed=zlib.crc32(f"{family}/{res}".encode()))):
+        for i, cfg in enumerate(
+            _configs(net.space, res, N_RANDOM, seed=zlib.crc32(f"{family}/{res}".encode()))
+        ):
             inputs = net.dummy_inputs(cfg, batch_size=1, frames=4, seed=i)  # frames do not change the maths
             with torch.no_grad():
                 sliced = net(**inputs, subnet=cfg)

@@ -37,8 +37,11 @@ POINTS = ["largest", "sampled", "smallest"]
 
 def _config(net, point: str):
     space = net.space
-    return {"largest": space.largest(), "smallest": space.smallest(),
-            "sampled": space.sample(3, resolution=space.default_resolution)}[point]
+    return {
+        "largest": space.largest(),
+        "smallest": space.smallest(),
+        "sampled": space.sample(3, resolution=space.default_resolution),
+    }[point]
 
 
 @contextmanager
@@ -66,8 +69,12 @@ def analyses(tiny_nets):
 
 
 def _flop_counter_macs(static, inputs) -> float:
-    with _one_thread(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, \
-            torch.no_grad():
+    with (
+        _one_thread(),
+        sdpa_kernel(SDPBackend.MATH),
+        FlopCounterMode(display=False) as counter,
+        torch.no_grad(),
+    ):
         static(**inputs)
     return counter.get_total_flops() / 2
 

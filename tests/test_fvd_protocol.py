@@ -265,8 +265,13 @@ def test_text_alignment(extractor: ProxyFeatures, heldout: tuple) -> None:
     by_attribute = text_alignment_by_attribute(videos, captions, extractor)
     assert set(by_attribute) == {"colour", "shape", "direction", "size"}
     assert aligned == pytest.approx(sum(by_attribute.values()) / 4)  # every caption names all four
-    reversed_motion = [c.replace("left", "@").replace("right", "left").replace("@", "right") for c in captions]
-    assert text_alignment_by_attribute(videos, reversed_motion, extractor)["direction"] < by_attribute["direction"]
+    reversed_motion = [
+        c.replace("left", "@").replace("right", "left").replace("@", "right") for c in captions
+    ]
+    assert (
+        text_alignment_by_attribute(videos, reversed_motion, extractor)["direction"]
+        < by_attribute["direction"]
+    )
     assert text_alignment_by_attribute(videos[:2], ["sky", "clouds"], extractor) == {}
 
 

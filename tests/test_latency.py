@@ -23,8 +23,13 @@ FRAMES = 4
 def test_measure_latency_module_has_provenance(tiny_nets):
     net = tiny_nets["pixel-base"]
     cfg = net.space.smallest()
-    result = measure_latency(net.extract(cfg), net.dummy_inputs(cfg, batch_size=2, frames=FRAMES),
-                             threads=1, min_run_time=0.05, warmup=1)
+    result = measure_latency(
+        net.extract(cfg),
+        net.dummy_inputs(cfg, batch_size=2, frames=FRAMES),
+        threads=1,
+        min_run_time=0.05,
+        warmup=1,
+    )
     assert isinstance(result, LatencyResult)
     assert result.median_ms > 0 and result.iqr_ms >= 0 and result.n_runs >= 1
     assert (result.batch, result.frames, result.resolution) == (2, FRAMES, cfg.resolution)
@@ -86,14 +91,29 @@ def test_subnet_features_grow_with_size(tiny_nets):
 
 @pytest.fixture(scope="module")
 def predictor(tiny_nets):
-    return LatencyPredictor.fit(tiny_nets["pixel-base"], frames=FRAMES, n_fit=12, n_holdout=6, threads=1,
-                                min_run_time=0.01, rounds=4, progress=False)
+    return LatencyPredictor.fit(
+        tiny_nets["pixel-base"],
+        frames=FRAMES,
+        n_fit=12,
+        n_holdout=6,
+        threads=1,
+        min_run_time=0.01,
+        rounds=4,
+        progress=False,
+    )
 
 
 def test_fit_reports_calibration_and_provenance(predictor):
     cal, prov = predictor.calibration, predictor.provenance
     assert cal["n"] == 6 and len(predictor.holdout) == 6
-    assert {"mape_pct", "max_error_pct", "spearman", "fit_mape_pct", "repeat_mape_pct", "split_spearman"} <= set(cal)
+    assert {
+        "mape_pct",
+        "max_error_pct",
+        "spearman",
+        "fit_mape_pct",
+        "repeat_mape_pct",
+        "split_spearman",
+    } <= set(cal)
     sizes = (prov["family"], prov["preset"], prov["frames"], prov["batch"])
     assert sizes == ("pixel-base", "tiny", FRAMES, 1)
     assert prov["n_fit"] == 12 and prov["threads"] == 1 and prov["device_name"]

@@ -31,7 +31,7 @@ ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREAD
 
 def _videos(n=4, frames=16, res=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, 3, frames, res, res, generator=g) * 2 - 1)
+    return torch.rand(n, 3, frames, res, res, generator=g) * 2 - 1
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,9 @@ def test_latent_batches_noise_the_encoded_clips(codec):
             return {"video": _videos(seed=i)[0], "caption": ""}
 
     source = ClipSource(Clips())
-    batch = make_batch(source, None, seed=0, step=3, resolution=32, global_batch=2, cond_drop=0.0,
-                       encode=codec.encode)
+    batch = make_batch(
+        source, None, seed=0, step=3, resolution=32, global_batch=2, cond_drop=0.0, encode=codec.encode
+    )
     assert batch.noisy.shape == (2, 4, 8, 8, 8)
     alphas = train_scheduler().alphas_cumprod[batch.timesteps].view(-1, 1, 1, 1, 1)
     x0 = (batch.noisy - (1 - alphas).sqrt() * batch.noise) / alphas.sqrt()
@@ -101,13 +102,30 @@ def test_latent_training_needs_a_matching_autoencoder(tmp_path):
         main(["--family", "latent-unet", "--steps", "1", "--out", str(tmp_path / "a")])
     build_autoencoder("tiny", z_channels=2).save_pretrained(tmp_path / "ae2")
     with pytest.raises(ValueError, match="2 latent channels"):
-        main(["--family", "latent-unet", "--steps", "1", "--autoencoder", str(tmp_path / "ae2"),
-              "--out", str(tmp_path / "b")])
+        main(
+            [
+                "--family",
+                "latent-unet",
+                "--steps",
+                "1",
+                "--autoencoder",
+                str(tmp_path / "ae2"),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
 
 
 def _run(module, *args, timeout=600):
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV, text=True,
-                          capture_output=True, timeout=timeout, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=ENV,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
     assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -126,7 +144,8 @@ def _write_sky(root: Path, clips_per_split: int = 4, frames: int = 16, size: int
                 x = np.linspace(0, 1, size)[None, :, None] + 0.05 * k
                 image = (base * (0.5 + 0.5 * np.sin(6 * x + v))).clip(0, 255).astype(np.uint8)
                 Image.fromarray(np.broadcast_to(image, (size, size, 3)).copy()).save(
-                    folder / f"{split}{v}_frames_{k + 1:08d}.jpg")
+                    folder / f"{split}{v}_frames_{k + 1:08d}.jpg"
+                )
     return root
 
 
@@ -136,15 +155,66 @@ def test_train_then_search_export_and_sample_the_latent_family(tmp_path):
     folder's test split) -> export -> sample the exported subnet."""
     sky = str(_write_sky(tmp_path / "sky"))
     ae, run, db = tmp_path / "ae", tmp_path / "run", f"sqlite:///{tmp_path / 'latent.db'}"
-    _run("harness.autoencoder_train", "--data", sky, "--resolutions", "32,64", "--steps", "4",
-         "--out", str(ae), "--threads", "1")
-    _run("harness.train", "--family", "latent-unet", "--data", sky, "--autoencoder", str(ae), "--steps", "4",
-         "--batch", "2", "--warmup-steps", "0", "--checkpoint-every", "2", "--out", str(run), "--threads", "1")
+    _run(
+        "harness.autoencoder_train",
+        "--data",
+        sky,
+        "--resolutions",
+        "32,64",
+        "--steps",
+        "4",
+        "--out",
+        str(ae),
+        "--threads",
+        "1",
+    )
+    _run(
+        "harness.train",
+        "--family",
+        "latent-unet",
+        "--data",
+        sky,
+        "--autoencoder",
+        str(ae),
+        "--steps",
+        "4",
+        "--batch",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        str(run),
+        "--threads",
+        "1",
+    )
     assert json.loads((run / "autoencoder" / "latent.json").read_text())["source"] == str(ae)
 
-    out = _run("harness.search", "--checkpoint", str(run), "--trials", "3", "--storage", db, "--study", "lat",
-               "--fvd-data", sky, "--fvd-split", "test", "--real-videos", "4",
-               "--fvd-videos", "4", "--steps", "2", "--threads", "1", "--no-plot")
+    out = _run(
+        "harness.search",
+        "--checkpoint",
+        str(run),
+        "--trials",
+        "3",
+        "--storage",
+        db,
+        "--study",
+        "lat",
+        "--fvd-data",
+        sky,
+        "--fvd-split",
+        "test",
+        "--real-videos",
+        "4",
+        "--fvd-videos",
+        "4",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "--no-plot",
+    )
     assert "Pareto front of 'lat'" in out
     df = Store(db).measurements_frame()
     ok = df[df.status == "ok"]
@@ -153,13 +223,26 @@ def test_train_then_search_export_and_sample_the_latent_family(tmp_path):
     fvd = ok[ok.metric == "fvd"].iloc[0]
     extra = json.loads(fvd.extra) if isinstance(fvd.extra, str) else fvd.extra
     assert (extra["protocol"]["resolution"], extra["protocol"]["frames"]) == (32, 16)
-    assert (extra["protocol"]["dataset"], extra["protocol"]["split"], extra["protocol"]["num_real"]) == (sky, "test", 4)
+    assert (extra["protocol"]["dataset"], extra["protocol"]["split"], extra["protocol"]["num_real"]) == (
+        sky,
+        "test",
+        4,
+    )
     assert (ok[ok.metric == "text_alignment"].value == -1).all()  # unconditional: not applicable
 
     _run("harness.export", "--storage", db, "--study", "lat", "--trial", "0", "--out", str(tmp_path / "exp"))
     assert load_bundle(tmp_path / "exp" / "base").codec is not None
-    out = _run("harness.sample", "--checkpoint", str(tmp_path / "exp" / "base"), "--num-videos", "2", "--steps",
-               "2", "--out", str(tmp_path / "s.gif"))
+    out = _run(
+        "harness.sample",
+        "--checkpoint",
+        str(tmp_path / "exp" / "base"),
+        "--num-videos",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "s.gif"),
+    )
     assert "(2, 3, 16, 32, 32)" in out and (tmp_path / "s.gif").is_file()
 
 

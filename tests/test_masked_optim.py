@@ -286,14 +286,15 @@ def test_ema_warmup_copy_to_and_bad_masks() -> None:
         opt.step({"head.bias": torch.ones(2, dtype=torch.bool)})
 
 
-
 def _boxes_and_masks(params: dict[str, Tensor], seed: int):
     """A random leading box per parameter, as a box and as the equivalent mask."""
     from harness.training.masked_optim import box_to_mask
 
     rng = torch.Generator().manual_seed(seed)
-    boxes = {n: tuple(slice(0, int(torch.randint(1, d + 1, (1,), generator=rng))) for d in p.shape)
-             for n, p in params.items()}
+    boxes = {
+        n: tuple(slice(0, int(torch.randint(1, d + 1, (1,), generator=rng))) for d in p.shape)
+        for n, p in params.items()
+    }
     return boxes, {n: box_to_mask(params[n], b) for n, b in boxes.items()}
 
 
@@ -324,7 +325,9 @@ def test_box_regions_are_bit_identical_to_masks(weight_decay: float) -> None:
 def test_box_clipping_scales_only_the_box() -> None:
     params = {"a": nn.Parameter(torch.zeros(4, 3)), "b": nn.Parameter(torch.zeros(5))}
     boxes, masks = _boxes_and_masks(params, seed=3)
-    grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 10 for n, p in params.items()}
+    grads = {
+        n: torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 10 for n, p in params.items()
+    }
     results = []
     for active in (masks, boxes):
         for n, p in params.items():

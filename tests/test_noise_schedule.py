@@ -44,8 +44,16 @@ def test_zero_snr_schedule_ends_at_pure_noise_and_starts_sampling_there():
 def test_ddim_with_an_oracle_denoiser_recovers_the_video(name):
     schedule, x0 = SCHEDULES[name], _video()
     context = null = torch.zeros(2, 1, 4)
-    out = ddim_sample(_oracle(x0, schedule), x0.shape, context, null, steps=10, guidance=3.0,
-                      generator=torch.Generator().manual_seed(1), schedule=schedule)
+    out = ddim_sample(
+        _oracle(x0, schedule),
+        x0.shape,
+        context,
+        null,
+        steps=10,
+        guidance=3.0,
+        generator=torch.Generator().manual_seed(1),
+        schedule=schedule,
+    )
     if schedule.zero_terminal_snr:  # DDIM ends on the clean sample itself
         torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
     else:  # ends at t = 0 of the schedule, whose noise is sqrt(1 - abar[0]) ~ 0.006
@@ -54,8 +62,15 @@ def test_ddim_with_an_oracle_denoiser_recovers_the_video(name):
 
 def test_ddim_with_the_wrong_prediction_type_does_not_recover_the_video():
     x0 = _video()
-    out = ddim_sample(_oracle(x0, ZERO_SNR_V), x0.shape, None, None, steps=10,
-                      generator=torch.Generator().manual_seed(1), schedule=EPS_COSINE)
+    out = ddim_sample(
+        _oracle(x0, ZERO_SNR_V),
+        x0.shape,
+        None,
+        None,
+        steps=10,
+        generator=torch.Generator().manual_seed(1),
+        schedule=EPS_COSINE,
+    )
     assert (out - x0).abs().max() > 0.1  # the right type gets within 1e-4 (zero SNR) or 0.05
 
 
@@ -79,9 +94,18 @@ def test_schedule_errors_name_the_fix():
 
 
 def test_schedule_travels_from_training_to_export_to_extracted_subnet(tmp_path):
-    opts = TrainOptions(family="pixel-base", preset="tiny", text_encoder="none", num_videos=4, batch=2,
-                        steps=1, warmup_steps=0, checkpoint_every=1, out=str(tmp_path / "run"),
-                        schedule="v-zero-snr")
+    opts = TrainOptions(
+        family="pixel-base",
+        preset="tiny",
+        text_encoder="none",
+        num_videos=4,
+        batch=2,
+        steps=1,
+        warmup_steps=0,
+        checkpoint_every=1,
+        out=str(tmp_path / "run"),
+        schedule="v-zero-snr",
+    )
     trainer = train(opts, progress=False)
     assert load_bundle(tmp_path / "run").schedule == ZERO_SNR_V
     export_supernet(tmp_path / "run", tmp_path / "export")

@@ -46,7 +46,9 @@ def reference() -> tuple[dict[str, torch.Tensor], dict]:
 def models() -> Iterator[dict[str, object]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # as the reference script; the kernels' reduction order may depend on it
-    bundles = {name: load_bundle(CHECKPOINTS / f"{name}-tiny") for name in ("pixel-base", "pixel-ssr", "latent-unet")}
+    bundles = {
+        name: load_bundle(CHECKPOINTS / f"{name}-tiny") for name in ("pixel-base", "pixel-ssr", "latent-unet")
+    }
     base = bundles["pixel-base"]
     yield bundles | {"text": base.text_encoder.load()}
     torch.set_num_threads(threads)
@@ -56,6 +58,7 @@ def _pixel_base(pick: Callable[[SearchSpace], SubnetConfig]) -> Callable[[dict],
     def make(m: dict) -> torch.Tensor:
         cfg = pick(m["pixel-base"].network.space)
         return generate(Chain(m["pixel-base"], None, m["text"], cfg), PROMPTS, steps=4, seed=3)
+
     return make
 
 
@@ -77,10 +80,14 @@ def _static(m: dict) -> torch.Tensor:
     return generate(Chain(static, None, m["text"]), PROMPTS, steps=4, seed=9)
 
 
-CASES = {"pixel-base/largest": _pixel_base(lambda space: space.largest()),
-         "pixel-base/smallest": _pixel_base(lambda space: space.smallest()),
-         "pixel-base/p40": _pixel_base(lambda space: space.subnet_at_fraction(0.4)),
-         "pixel-chain-32/p60": _chain, "latent/largest": _latent, "pixel-base/static-p80": _static}
+CASES = {
+    "pixel-base/largest": _pixel_base(lambda space: space.largest()),
+    "pixel-base/smallest": _pixel_base(lambda space: space.smallest()),
+    "pixel-base/p40": _pixel_base(lambda space: space.subnet_at_fraction(0.4)),
+    "pixel-chain-32/p60": _chain,
+    "latent/largest": _latent,
+    "pixel-base/static-p80": _static,
+}
 
 
 def test_every_reference_video_is_regenerated(reference):
@@ -93,8 +100,9 @@ def test_regenerated_video_matches_the_reference(name, reference, models):
     video = CASES[name](models)
     expected = videos[name]
     assert video.shape == expected.shape and video.dtype == expected.dtype
-    same_machine = (provenance["torch"] == torch.__version__
-                    and provenance["cpu_model"].strip(" \t:") == _cpu_model())
+    same_machine = (
+        provenance["torch"] == torch.__version__ and provenance["cpu_model"].strip(" \t:") == _cpu_model()
+    )
     if same_machine:
         assert torch.equal(video, expected), f"{name}: max abs diff {(video - expected).abs().max().item()}"
     else:

@@ -11,7 +11,9 @@ BUDGET = 25 * 1024 * 1024
 
 def _tracked() -> list[Path]:
     try:
-        out = subprocess.run(["git", "ls-files", "results"], cwd=REPO, text=True, capture_output=True, check=True)
+        out = subprocess.run(
+            ["git", "ls-files", "results"], cwd=REPO, text=True, capture_output=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     return [REPO / line for line in out.stdout.splitlines() if line]
@@ -26,7 +28,9 @@ def test_shipped_results_fit_the_budget():
 def test_every_shipped_model_records_its_command():
     for weights in (f for f in _tracked() if f.suffix == ".safetensors"):
         folder = weights.parent
-        assert any((d / "command.txt").is_file() for d in (folder, folder.parent)), f"{folder} has no command.txt"
+        assert any((d / "command.txt").is_file() for d in (folder, folder.parent)), (
+            f"{folder} has no command.txt"
+        )
 
 
 def test_shipped_supernets_record_all_their_training_steps():
@@ -40,4 +44,6 @@ def test_shipped_supernets_record_all_their_training_steps():
         meta = json.loads(config.read_text())
         total = meta["trained_steps"] + (meta.get("init") or {}).get("trained_steps", 0)
         last = max(json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip())
-        assert total == last, f"{config.parent.name}: config says {total} steps, train_log.jsonl ends at {last}"
+        assert total == last, (
+            f"{config.parent.name}: config says {total} steps, train_log.jsonl ends at {last}"
+        )

@@ -19,8 +19,13 @@ def test_generate_from_subnet_and_from_extracted_subnet_match(tiny_nets):
 
 def test_chain_reaches_the_requested_resolution(tiny_nets):
     base, ssr = tiny_nets["pixel-base"], tiny_nets["pixel-ssr"]
-    chain = Chain(base, ssr, None, base_subnet=base.space.smallest(),
-                  ssr_subnets={32: ssr.space.sample(2, resolution=32), 64: ssr.space.sample(2, resolution=64)})
+    chain = Chain(
+        base,
+        ssr,
+        None,
+        base_subnet=base.space.smallest(),
+        ssr_subnets={32: ssr.space.sample(2, resolution=32), 64: ssr.space.sample(2, resolution=64)},
+    )
     video = generate(chain, ["x"], resolution=64, steps=1, seed=0)
     assert video.shape == (1, 3, base.hyper.frames, 64, 64)
     assert video.abs().max() <= 1

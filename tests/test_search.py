@@ -22,10 +22,20 @@ ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREAD
 
 
 def search(*args, check=True, timeout=900, **kw):
-    proc = subprocess.run([sys.executable, "-m", "harness.search", *args], cwd=REPO, env=ENV, text=True,
-                          capture_output=True, timeout=timeout, check=False, **kw)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.search", *args],
+        cwd=REPO,
+        env=ENV,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+        **kw,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"search failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"search failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -72,8 +82,19 @@ def test_cache_second_study_measures_nothing(tmp_path):
 def test_optuna_and_evolution_share_one_store(tmp_path):
     url = f"sqlite:///{tmp_path}/h.db"
     search("--objective", "latency", "--trials", "3", "--storage", url, "--study", "t", *FAST)
-    search("--objective", "latency", "--trials", "12", "--searcher", "evolution", "--storage", url,
-           "--study", "e", *FAST)
+    search(
+        "--objective",
+        "latency",
+        "--trials",
+        "12",
+        "--searcher",
+        "evolution",
+        "--storage",
+        url,
+        "--study",
+        "e",
+        *FAST,
+    )
     df = Store(url).measurements_frame()
     assert {"tpe", "evolution"} <= {s for row in df.searchers for s in row}
     evo = completed(url, "e")
@@ -95,8 +116,20 @@ def _complete_count(db: Path) -> int:
 @pytest.mark.slow
 def test_kill_and_resume_finishes_remaining_trials(tmp_path):
     url = f"sqlite:///{tmp_path}/h.db"
-    args = [sys.executable, "-m", "harness.search", "--objective", "latency", "--trials", "3", "--storage", url,
-            "--study", "k", *FAST]
+    args = [
+        sys.executable,
+        "-m",
+        "harness.search",
+        "--objective",
+        "latency",
+        "--trials",
+        "3",
+        "--storage",
+        url,
+        "--study",
+        "k",
+        *FAST,
+    ]
     proc = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and _complete_count(tmp_path / "h.db") < 1:
@@ -127,11 +160,25 @@ def postgres_url():
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_three_postgres_workers_share_one_study(postgres_url):
-    args = [sys.executable, "-m", "harness.search", "--objective", "latency", "--trials", "6", "--storage",
-            postgres_url, "--study", "shared", *FAST]
+    args = [
+        sys.executable,
+        "-m",
+        "harness.search",
+        "--objective",
+        "latency",
+        "--trials",
+        "6",
+        "--storage",
+        postgres_url,
+        "--study",
+        "shared",
+        *FAST,
+    ]
     Store.open(postgres_url).close()  # create the schema once, so the workers race on trials, not DDL
-    workers = [subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(3)]
+    workers = [
+        subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     for w in workers:
         _out, err = w.communicate(timeout=900)
         assert w.returncode == 0, err[-2000:]
@@ -151,18 +198,22 @@ def _digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--objective", "speed"], "unknown objective 'speed'"),
-    (["--resolution", "24"], "resolution 24"),
-    (["--max-params", "10"], "--max-params"),
-    (["--storage", "/proc/forbidden/x.db"], ""),
-    (["--storage", "postgresql://user:secret@:notaport/db"], ""),
-    (["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--objective", "speed"], "unknown objective 'speed'"),
+        (["--resolution", "24"], "resolution 24"),
+        (["--max-params", "10"], "--max-params"),
+        (["--storage", "/proc/forbidden/x.db"], ""),
+        (["--storage", "postgresql://user:secret@:notaport/db"], ""),
+        (["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    ],
+)
 def test_bad_input_one_line_no_traceback_store_untouched(tmp_path, argv, needle):
     db = tmp_path / "h.db"
-    search("--objective", "latency", "--trials", "1", "--storage", str(db), "--study", "x", *FAST) \
-        if needle == "--max-params" else None
+    search(
+        "--objective", "latency", "--trials", "1", "--storage", str(db), "--study", "x", *FAST
+    ) if needle == "--max-params" else None
     before = _digest(db)
     args = argv if "--storage" in argv else [*argv, "--storage", str(db)]
     proc = search(*args, "--trials", "1", *FAST, check=False, timeout=300)

@@ -177,20 +177,36 @@ def test_failed_tell_records_a_fail_trial_marked_measurement_failed(name, base_e
     assert trial.user_attrs["description"] == "x" and trial.user_attrs["candidate_key"] == cand.key
 
 
-@pytest.mark.parametrize("name", SEARCHERS)
-def test_n_cycles_leave_exactly_n_told_trials(name, base_encoding, nets):
-    """Into the samplers' post-start-up phase (10 completed trials) and evolution's second generation."""
+def budget_run(name: str, encoding: CandidateEncoding, nets, n: int) -> optuna.Study:
+    """``n`` ask/tell cycles, the fifth a failed measurement; checks exactly ``n`` told trials."""
     study = new_study(name, 0)
-    searcher = new_searcher(name, study, base_encoding)
+    searcher = new_searcher(name, study, encoding)
     numbers = []
-    for i in range(12):
+    for i in range(n):
         cand, handle = searcher.ask()
+        cand.validate(nets[0], None)
         values = None if i == 4 else objective(cand, nets)
         numbers.append(searcher.tell(handle, values, error=None if values else "failed"))
     trials = study.get_trials()
     assert [t.state for t in trials if t.state not in TOLD] == []
-    assert sorted(numbers) == [t.number for t in trials] == list(range(12))
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 11
+    assert sorted(numbers) == [t.number for t in trials] == list(range(n))
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == n - 1
+    return study
+
+
+@pytest.mark.parametrize("name", SEARCHERS)
+def test_n_cycles_leave_exactly_n_told_trials(name, base_encoding, nets):
+    """Into evolution's second generation; the samplers' random start-up (10 completed trials) only."""
+    budget_run(name, base_encoding, nets, 11)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SEARCHERS)
+def test_past_start_up_candidates_stay_valid_and_new(name, base_encoding, nets):
+    """Past the samplers' start-up (GP's model fits take seconds per ask, hence ``slow``)."""
+    study = budget_run(name, base_encoding, nets, 12)
+    keys = [t.user_attrs["candidate_key"] for t in study.get_trials()]
+    assert len(set(keys)) == len(keys)
 
 
 @pytest.mark.parametrize("name", SEARCHERS)

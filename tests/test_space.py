@@ -38,12 +38,15 @@ def _mutated(cfg, **changes) -> str:
     return json.dumps(d)
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"ratios/down0.width": 0.45}, "down0.width"),
-    ({"keep/up0.0/res": False}, "cannot drop its res"),
-    ({"resolution": 24}, "resolution 24"),
-    ({"family": "pixel-ssr"}, "family 'pixel-ssr'"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"ratios/down0.width": 0.45}, "down0.width"),
+        ({"keep/up0.0/res": False}, "cannot drop its res"),
+        ({"resolution": 24}, "resolution 24"),
+        ({"family": "pixel-ssr"}, "family 'pixel-ssr'"),
+    ],
+)
 def test_validate_names_the_problem(base, change, needle):
     text = _mutated(base.space.largest(), **change)
     with pytest.raises(ConfigError) as e:
@@ -75,7 +78,9 @@ def test_cardinality_counts_the_allowed_drop_sets(base):
     """(That mutation and crossover stay in the space is a family contract: see ``test_families``.)"""
     # Drop sets counted by brute force: at most max_drops dropped, never every cross-attention.
     comps, text, k = base.space.droppable(), base.space.text_paths(), base.space.max_drops
-    drop_sets = sum(1 for n in range(k + 1) for drop in itertools.combinations(comps, n) if not text <= set(drop))
+    drop_sets = sum(
+        1 for n in range(k + 1) for drop in itertools.combinations(comps, n) if not text <= set(drop)
+    )
     assert base.space.cardinality() == 7 ** len(base.space.layers) * drop_sets
 
 

@@ -27,9 +27,13 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
-                   for stmt in block.body for n in ast.walk(stmt)}  # annotations only: no runtime edge
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }  # annotations only: no runtime edge
     for node in ast.walk(tree):
         if id(node) in typing_only:
             continue
@@ -45,7 +49,9 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         for t in targets:
             while t and t not in known:  # "pkg.mod.func" -> "pkg.mod"
                 t = t.rpartition(".")[0]
-            if t and t != name and not name.startswith(t + "."):  # a package importing its own parent: no edge
+            if (
+                t and t != name and not name.startswith(t + ".")
+            ):  # a package importing its own parent: no edge
                 out.add(t)
     return out
 
@@ -66,7 +72,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for d in sorted(graph.get(n, ())):
             if state.get(d) == 1:
-                return stack[stack.index(d):] + [d]
+                return stack[stack.index(d) :] + [d]
             if d not in state and (found := visit(d)):
                 return found
         stack.pop()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.training.checkpoint import find_checkpoint, load_checkpoint
-from harness.training.loop import TrainOptions, Trainer, train, warmup_limits
+from harness.training.loop import Trainer, TrainOptions, train, warmup_limits
 
 from .conftest import randomize_
 
@@ -18,8 +18,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _opts(tmp_path, **kw) -> TrainOptions:
-    base = dict(family="pixel-base", preset="tiny", text_encoder="none", num_videos=8, batch=2, steps=3,
-                warmup_steps=0, checkpoint_every=1, out=str(tmp_path / "run"), lr=1e-3, weight_decay=0.01)
+    base = {
+        "family": "pixel-base",
+        "preset": "tiny",
+        "text_encoder": "none",
+        "num_videos": 8,
+        "batch": 2,
+        "steps": 3,
+        "warmup_steps": 0,
+        "checkpoint_every": 1,
+        "out": str(tmp_path / "run"),
+        "lr": 1e-3,
+        "weight_decay": 0.01,
+    }
     base.update(kw)
     return TrainOptions(**base)
 
@@ -103,7 +114,7 @@ def test_checkpoint_survives_a_kill_during_save(tmp_path):
 def test_sandwich_and_inplace_distillation(tmp_path):
     plain = Trainer(_opts(tmp_path / "p"))
     # Text-conditioned, with guidance dropout: every subnet's backward goes through the null-text mix.
-    text = dict(text_encoder="minilm", cond_drop=0.5)
+    text = {"text_encoder": "minilm", "cond_drop": 0.5}
     sandwich = Trainer(_opts(tmp_path / "s", sandwich=True, **text))
     distill = Trainer(_opts(tmp_path / "d", sandwich=True, inplace_distill=True, **text))
     from harness.training.loop import subnets_for_step
@@ -122,13 +133,51 @@ def test_sandwich_and_inplace_distillation(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
-    common = ["--family", "pixel-base", "--text-encoder", "none", "--num-videos", "8", "--batch", "4",
-              "--steps", "2", "--warmup-steps", "0", "--checkpoint-every", "2", "--threads", "1"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                    "-m", "harness.train", *common, "--out", str(tmp_path / "ddp")], check=True, env=env,
-                   cwd=REPO, capture_output=True, timeout=600)
-    subprocess.run([sys.executable, "-m", "harness.train", *common, "--out", str(tmp_path / "one")], check=True,
-                   env=env, cwd=REPO, capture_output=True, timeout=600)
+    common = [
+        "--family",
+        "pixel-base",
+        "--text-encoder",
+        "none",
+        "--num-videos",
+        "8",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--threads",
+        "1",
+    ]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            "-m",
+            "harness.train",
+            *common,
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=600,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "harness.train", *common, "--out", str(tmp_path / "one")],
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=600,
+    )
     a = load_checkpoint(tmp_path / "ddp" / "checkpoint")
     b = load_checkpoint(tmp_path / "one" / "checkpoint")
     la = [h["Loss/train"] for h in a["training"]["history_tail"]]
@@ -145,7 +194,7 @@ def test_offset_noise_shifts_each_channel_by_a_constant(tmp_path):
     from harness.training.batches import ClipSource, make_batch
 
     source = ClipSource(build_dataset("synthetic", "train", frames=12, resolution=16, seed=0, num_videos=8))
-    kw = dict(seed=0, step=5, resolution=16, global_batch=4, cond_drop=0.5)
+    kw = {"seed": 0, "step": 5, "resolution": 16, "global_batch": 4, "cond_drop": 0.5}
     plain, shifted = make_batch(source, None, **kw), make_batch(source, None, offset_noise=0.1, **kw)
     assert torch.equal(plain.timesteps, shifted.timesteps) and torch.equal(plain.drop, shifted.drop)
     offset = shifted.noise - plain.noise  # (B, C, T, H, W)
@@ -153,8 +202,14 @@ def test_offset_noise_shifts_each_channel_by_a_constant(tmp_path):
     assert torch.allclose(offset, per_channel.expand_as(offset), atol=1e-6)
     assert per_channel.abs().min() > 0 and per_channel.abs().max() < 0.5
     assert torch.equal(make_batch(source, None, offset_noise=0.0, **kw).noisy, plain.noisy)
-    proc = subprocess.run([sys.executable, "-m", "harness.train", "--offset-noise", "-1", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.train", "--offset-noise", "-1", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode != 0 and "--offset-noise -1.0 is negative" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -190,8 +245,12 @@ def test_late_timestep_bias_draws_the_noisiest_timesteps_more_often():
     w = timestep_weights(0.25, 3.0)
     assert w.sum().item() == pytest.approx(1.0) and w[750] == pytest.approx(3 * w[749])
     source = ClipSource(build_dataset("synthetic", "train", frames=12, resolution=16, seed=0, num_videos=8))
-    draws = torch.cat([make_batch(source, None, seed=0, step=s, resolution=16, global_batch=64, t_weights=w).timesteps
-                       for s in range(8)])
+    draws = torch.cat(
+        [
+            make_batch(source, None, seed=0, step=s, resolution=16, global_batch=64, t_weights=w).timesteps
+            for s in range(8)
+        ]
+    )
     late = (draws >= 750).float().mean().item()
     assert 0.4 < late < 0.6  # expected 0.75 / 1.5 = 0.5 (uniform: 0.25)
     with pytest.raises(ValueError, match="portion in \\(0, 1\\] and a positive multiplier"):
@@ -203,7 +262,7 @@ def _legacy_name(key: str) -> str:
 
     for old, new in legacy_key_map().items():
         if key == new or key.startswith(new + "."):
-            return old + key[len(new):]
+            return old + key[len(new) :]
     return key
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "resize_video",
 ]
 
+
 def dataset_checks(spec: str | os.PathLike) -> dict:
     """Checks a dataset provides for generated videos: ``{name: check(videos (N, 3, T, R, R), prompts) ->
     dict}``. Only the built-in synthetic data has one: motion alignment, which reads how its captions

@@ -50,7 +50,12 @@ _RGB: dict[str, tuple[float, float, float]] = {
 }
 _RADIUS: dict[str, float] = {"small": 0.45, "large": 0.6}  # half-extent in image units (frame = [-1, 1])
 # Unit step (x, y) of each direction; y points down the image.
-DIRECTION_STEPS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+DIRECTION_STEPS: dict[str, tuple[int, int]] = {
+    "left": (-1, 0),
+    "right": (1, 0),
+    "up": (0, -1),
+    "down": (0, 1),
+}
 _COMBOS: list[tuple[int, ...]] = list(itertools.product(*(range(len(v)) for v in ATTRIBUTES.values())))
 
 

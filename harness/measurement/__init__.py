@@ -9,6 +9,22 @@ from harness.measurement.quality import FrechetQuality, QualityMetric, heldout_p
 from harness.measurement.recorder import MeasurementFailed, Recorder, register_models
 from harness.measurement.settings import MeasureSettings, add_measure_arguments, settings_from_args
 
-__all__ = ["CostMetric", "FlopCount", "FrechetQuality", "Generation", "Latency", "MeasureSettings",
-           "MeasurementFailed", "Measurer", "ParamCount", "QualityMetric", "Recorder", "add_measure_arguments",
-           "check_limits_reachable", "cost_metrics", "heldout_prompts", "register_models", "settings_from_args"]
+__all__ = [
+    "CostMetric",
+    "FlopCount",
+    "FrechetQuality",
+    "Generation",
+    "Latency",
+    "MeasureSettings",
+    "MeasurementFailed",
+    "Measurer",
+    "ParamCount",
+    "QualityMetric",
+    "Recorder",
+    "add_measure_arguments",
+    "check_limits_reachable",
+    "cost_metrics",
+    "heldout_prompts",
+    "register_models",
+    "settings_from_args",
+]

@@ -52,8 +52,11 @@ class FlopCount(CostMetric):
         stages = []
         for stage in g.denoisers(cand):
             static = stage.supernet.extract(stage.subnet)
-            stages.append(GenerationStage(static, g.stage_inputs(static, stage.resolution, 1), g.steps, g.guided,
-                                          name=stage.name))
+            stages.append(
+                GenerationStage(
+                    static, g.stage_inputs(static, stage.resolution, 1), g.steps, g.guided, name=stage.name
+                )
+            )
         stages += [GenerationStage(w.module, w.inputs, 1, False, name=w.name) for w in g.once_per_video(cand)]
         return {"flops": float(generation_flops(stages))}, {"convention": "1 multiply-add = 1 FLOP"}
 
@@ -64,8 +67,15 @@ class Latency(CostMetric):
 
     metrics = ("latency_ms",)
 
-    def __init__(self, generation: Generation, mode: str, threads: int, device: str, min_run_time: float,
-                 predictors: dict | None = None):
+    def __init__(
+        self,
+        generation: Generation,
+        mode: str,
+        threads: int,
+        device: str,
+        min_run_time: float,
+        predictors: dict | None = None,
+    ):
         self.generation, self.mode, self.threads = generation, mode, threads
         self.target, self.min_run_time, self.predictors = device, min_run_time, predictors or {}
         self.device = device_description(device)
@@ -79,13 +89,25 @@ class Latency(CostMetric):
         if self.mode == "predicted":
             predictor = self.predictors.get((stage.supernet.family, stage.resolution))
             if predictor is None:
-                raise MeasurementFailed(f"no latency predictor for {stage.supernet.family} at {stage.resolution}px")
+                raise MeasurementFailed(
+                    f"no latency predictor for {stage.supernet.family} at {stage.resolution}px"
+                )
             return {"stage": stage.name, "forward_ms": float(predictor.predict(stage.supernet, stage.subnet))}
         static = stage.supernet.extract(stage.subnet).to(self.target)
-        res = measure_latency(static, g.stage_inputs(static, stage.resolution, g.batch_per_forward),
-                              device=self.target, threads=self.threads, min_run_time=self.min_run_time)
-        return {"stage": stage.name, "forward_ms": res.median_ms, "iqr_ms": res.iqr_ms, "n_runs": res.n_runs,
-                "device_name": res.device_name}
+        res = measure_latency(
+            static,
+            g.stage_inputs(static, stage.resolution, g.batch_per_forward),
+            device=self.target,
+            threads=self.threads,
+            min_run_time=self.min_run_time,
+        )
+        return {
+            "stage": stage.name,
+            "forward_ms": res.median_ms,
+            "iqr_ms": res.iqr_ms,
+            "n_runs": res.n_runs,
+            "device_name": res.device_name,
+        }
 
     def compute(self, cand: Candidate) -> Computed:
         g = self.generation
@@ -93,13 +115,24 @@ class Latency(CostMetric):
         total = sum(s["forward_ms"] for s in per_stage) * g.steps
         once = g.once_per_video(cand, self.target)
         for work in once:
-            res = measure_latency(work.module.to(self.target), work.inputs, device=self.target,
-                                  threads=self.threads, min_run_time=self.min_run_time)
+            res = measure_latency(
+                work.module.to(self.target),
+                work.inputs,
+                device=self.target,
+                threads=self.threads,
+                min_run_time=self.min_run_time,
+            )
             per_stage.append({"stage": work.name, "forward_ms": res.median_ms, "iqr_ms": res.iqr_ms})
             total += res.median_ms
-        extra = {"stages": per_stage, "threads": self.threads, "dtype": "float32",
-                 "batch_per_forward": g.batch_per_forward, "frames": g.pixel_frames,
-                 "resolution": g.pixel_resolution(cand), "steps": g.steps,
-                 "definition": "sum over stages of steps x median forward latency (CFG pair batched)"
-                               + "".join(f" + one {w.name}" for w in once)}
+        extra = {
+            "stages": per_stage,
+            "threads": self.threads,
+            "dtype": "float32",
+            "batch_per_forward": g.batch_per_forward,
+            "frames": g.pixel_frames,
+            "resolution": g.pixel_resolution(cand),
+            "steps": g.steps,
+            "definition": "sum over stages of steps x median forward latency (CFG pair batched)"
+            + "".join(f" + one {w.name}" for w in once),
+        }
         return {"latency_ms": total}, extra

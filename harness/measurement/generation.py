@@ -76,8 +76,14 @@ class Generation:
         codec = self.base.codec
         if codec is None:
             return []
-        z = torch.randn(1, codec.channels, self.frames, cand.resolution, cand.resolution,
-                        generator=torch.Generator().manual_seed(0))
+        z = torch.randn(
+            1,
+            codec.channels,
+            self.frames,
+            cand.resolution,
+            cand.resolution,
+            generator=torch.Generator().manual_seed(0),
+        )
         return [OncePerVideo("decode", codec.decoder_module(), {"latents": z.to(device)})]
 
     def stage_inputs(self, static: torch.nn.Module, resolution: int, batch: int) -> dict[str, torch.Tensor]:
@@ -87,8 +93,10 @@ class Generation:
     def suffix(self, cand: Candidate) -> str:
         """The generation's part of a protocol string, e.g. ``ddim8:cfg:16px:12f``."""
         if self.base.codec is not None:  # latent size, then the decoded video's size
-            return (f"ddim{self.steps}:nocfg:{cand.resolution}lat:{self.frames}f:"
-                    f"+decode:{self.pixel_resolution(cand)}px:{self.pixel_frames}f")
+            return (
+                f"ddim{self.steps}:nocfg:{cand.resolution}lat:{self.frames}f:"
+                f"+decode:{self.pixel_resolution(cand)}px:{self.pixel_frames}f"
+            )
         return f"ddim{self.steps}:{'cfg' if self.guided else 'nocfg'}:{cand.resolution}px:{self.frames}f"
 
     def chain(self, cand: Candidate, text_encoder) -> Chain:

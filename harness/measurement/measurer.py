@@ -17,19 +17,26 @@ from harness.models import ModelBundle
 from harness.store import Store
 
 
-def cost_metrics(generation: Generation, settings: MeasureSettings, predictors: dict | None = None
-                 ) -> dict[str, CostMetric]:
+def cost_metrics(
+    generation: Generation, settings: MeasureSettings, predictors: dict | None = None
+) -> dict[str, CostMetric]:
     """The cost metrics of ``generation`` under ``settings``, by metric name."""
-    latency = Latency(generation, settings.latency, settings.threads, settings.device, settings.min_run_time,
-                      predictors)
+    latency = Latency(
+        generation, settings.latency, settings.threads, settings.device, settings.min_run_time, predictors
+    )
     return {"params": ParamCount(generation), "flops": FlopCount(generation), "latency_ms": latency}
 
 
 LIMIT_FLAGS = {"params": "--max-params", "flops": "--max-flops", "latency_ms": "--max-latency"}
 
 
-def check_limits_reachable(generation: Generation, settings: MeasureSettings, smallest: Candidate,
-                           limits: dict[str, float | None], predictors: dict | None = None) -> None:
+def check_limits_reachable(
+    generation: Generation,
+    settings: MeasureSettings,
+    smallest: Candidate,
+    limits: dict[str, float | None],
+    predictors: dict | None = None,
+) -> None:
     """Fail before a search starts when even the space's smallest candidate breaks a limit (no subnet
     can meet it); computes only the limited figures and records nothing."""
     metrics = cost_metrics(generation, settings, predictors)
@@ -38,15 +45,26 @@ def check_limits_reachable(generation: Generation, settings: MeasureSettings, sm
             continue
         value = metrics[metric].compute(smallest)[0][metric]
         if value > limit:
-            raise ValueError(f"{LIMIT_FLAGS[metric]} {limit:g} is below the smallest subnet's {metric} "
-                             f"({value:.4g}): no subnet can meet it; raise the limit")
+            raise ValueError(
+                f"{LIMIT_FLAGS[metric]} {limit:g} is below the smallest subnet's {metric} "
+                f"({value:.4g}): no subnet can meet it; raise the limit"
+            )
 
 
 class Measurer:
     """Measures candidates of one (base [, SSR]) pipeline and records everything in ``store``."""
 
-    def __init__(self, base: ModelBundle, ssr: ModelBundle | None, text_encoder, settings: MeasureSettings,
-                 store: Store, worker: str = "main", predictors: dict | None = None, extractor=None):
+    def __init__(
+        self,
+        base: ModelBundle,
+        ssr: ModelBundle | None,
+        text_encoder,
+        settings: MeasureSettings,
+        store: Store,
+        worker: str = "main",
+        predictors: dict | None = None,
+        extractor=None,
+    ):
         """``text_encoder``: the loaded encoder (``None`` when unconditional); ``predictors``: latency
         predictors by ``(family, resolution)`` for ``settings.latency == "predicted"``; ``extractor``:
         the FVD feature extractor when the caller resolved it already."""
@@ -55,8 +73,9 @@ class Measurer:
         self.cost = cost_metrics(self.generation, settings, predictors)
         self.quality = FrechetQuality(self.generation, text_encoder, settings, extractor)
         self.device_name = self.cost["latency_ms"].device
-        self.recorder = Recorder(store, register_models(store, base, ssr), worker, settings.seed,
-                                 settings.claim_timeout_s)
+        self.recorder = Recorder(
+            store, register_models(store, base, ssr), worker, settings.seed, settings.claim_timeout_s
+        )
 
     def candidate_id(self, cand: Candidate) -> int:
         base, ssr = self.base.supernet, self.ssr.supernet if self.ssr else None
@@ -71,6 +90,13 @@ class Measurer:
         if any(m in self.quality.metrics for m in metrics):
             groups.append(self.quality)
         for metric in groups:
-            values.update(self.recorder.measure(cid, list(metric.metrics), metric.protocol(cand), metric.device,
-                                                lambda metric=metric: metric.compute(cand)))
+            values.update(
+                self.recorder.measure(
+                    cid,
+                    list(metric.metrics),
+                    metric.protocol(cand),
+                    metric.device,
+                    lambda metric=metric: metric.compute(cand),
+                )
+            )
         return values

@@ -23,11 +23,13 @@ def load_predictors(base: ModelBundle, ssr: ModelBundle | None) -> dict:
 
     out = {}
     for model in (base, ssr):
-        for r in (model.supernet.space.resolutions if model is not None else ()):
+        for r in model.supernet.space.resolutions if model is not None else ():
             path = predictor_path(model, r)
             if path is not None:
                 out[(model.supernet.family, r)] = LatencyPredictor.load(path)
     if not out:
-        raise FileNotFoundError("--latency predicted needs a latency predictor (<checkpoint>/latency-<R>px.json); "
-                                "fit one with python -m harness.predictor")
+        raise FileNotFoundError(
+            "--latency predicted needs a latency predictor (<checkpoint>/latency-<R>px.json); "
+            "fit one with python -m harness.predictor"
+        )
     return out

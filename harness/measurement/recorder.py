@@ -49,14 +49,26 @@ def register_models(store: Store, base: ModelBundle, ssr: ModelBundle | None) ->
     net = base.supernet
     digest = base.checkpoint_hash
     if digest is None:
-        raise ValueError("measurements are recorded against checkpoint files; load the model with load_bundle")
-    meta = {"base": {"family": net.family, "preset": net.preset, "sha256": digest,
-                     "total_params": net.space.total_params}}
+        raise ValueError(
+            "measurements are recorded against checkpoint files; load the model with load_bundle"
+        )
+    meta = {
+        "base": {
+            "family": net.family,
+            "preset": net.preset,
+            "sha256": digest,
+            "total_params": net.space.total_params,
+        }
+    }
     family = net.family
     if ssr is not None:
         digest = hashlib.sha256(f"chain:{digest}:{ssr.checkpoint_hash}".encode()).hexdigest()
-        meta["ssr"] = {"family": ssr.supernet.family, "preset": ssr.supernet.preset, "sha256": ssr.checkpoint_hash,
-                       "total_params": ssr.supernet.space.total_params}
+        meta["ssr"] = {
+            "family": ssr.supernet.family,
+            "preset": ssr.supernet.preset,
+            "sha256": ssr.checkpoint_hash,
+            "total_params": ssr.supernet.space.total_params,
+        }
         family = f"{net.family}+{ssr.supernet.family}"
     if base.codec is not None:
         from harness.models import checkpoint_hash
@@ -79,8 +91,9 @@ class Recorder:
         self.measured = 0
 
     def candidate_id(self, cand: Candidate, params: int, description: str) -> int:
-        return self.store.get_or_create_candidate(self.supernet_id, cand.key, cand.to_json(), cand.resolution,
-                                                  params, description).id
+        return self.store.get_or_create_candidate(
+            self.supernet_id, cand.key, cand.to_json(), cand.resolution, params, description
+        ).id
 
     def cached(self, cid: int, metrics: list[str], protocol: str, device: str) -> dict[str, float] | None:
         out = {}
@@ -93,14 +106,16 @@ class Recorder:
                 out[f"{m}_std"] = row.std
         return out
 
-    def measure(self, cid: int, metrics: list[str], protocol: str, device: str,
-                compute: Callable[[], Computed]) -> dict[str, float]:
+    def measure(
+        self, cid: int, metrics: list[str], protocol: str, device: str, compute: Callable[[], Computed]
+    ) -> dict[str, float]:
         """The values of ``metrics`` under ``protocol`` on ``device``: read back, or computed by
         ``compute`` under a claim and recorded. Raises ``MeasurementFailed`` (recorded as failed)."""
         cached = self.cached(cid, metrics, protocol, device)
         group = "+".join(metrics)
-        while cached is None and not self.store.claim(cid, group, protocol, device, self.worker,
-                                                      stale_after_s=self.claim_timeout_s):
+        while cached is None and not self.store.claim(
+            cid, group, protocol, device, self.worker, stale_after_s=self.claim_timeout_s
+        ):
             time.sleep(0.5)  # another worker is measuring it: wait for its result
             cached = self.cached(cid, metrics, protocol, device)
         if cached is not None:
@@ -114,17 +129,35 @@ class Recorder:
                 raise MeasurementFailed(f"non-finite {', '.join(bad)}")
         except Exception as e:  # recorded as failed with its error, then re-raised for the searcher
             for m in metrics:
-                self.store.record_failure(cid, m, f"{type(e).__name__}: {e}", protocol=protocol, device=device,
-                                          unit=UNITS[m], torch_version=torch.__version__, seed=self.seed,
-                                          wall_s=time.perf_counter() - start)
+                self.store.record_failure(
+                    cid,
+                    m,
+                    f"{type(e).__name__}: {e}",
+                    protocol=protocol,
+                    device=device,
+                    unit=UNITS[m],
+                    torch_version=torch.__version__,
+                    seed=self.seed,
+                    wall_s=time.perf_counter() - start,
+                )
             self.store.release_claim(cid, group, protocol, device, self.worker)
             raise MeasurementFailed(f"{group}: {type(e).__name__}: {e}") from e
         wall = time.perf_counter() - start
         for m in metrics:
-            self.store.record_measurement(cid, m, values[m], protocol=protocol, device=device, unit=UNITS[m],
-                                          std=values.get(f"{m}_std"), extractor=extra.get("extractor"),
-                                          torch_version=torch.__version__, seed=self.seed, extra=extra,
-                                          wall_s=wall)
+            self.store.record_measurement(
+                cid,
+                m,
+                values[m],
+                protocol=protocol,
+                device=device,
+                unit=UNITS[m],
+                std=values.get(f"{m}_std"),
+                extractor=extra.get("extractor"),
+                torch_version=torch.__version__,
+                seed=self.seed,
+                extra=extra,
+                wall_s=wall,
+            )
         self.store.finish_claim(cid, group, protocol, device, self.worker)
         self.measured += 1
         return values

@@ -30,13 +30,42 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-FEATURES = ("macs_conv", "macs_conv_1d", "macs_pointwise", "macs_linear", "macs_attention", "elems_norm",
-            "elems_other",
-            "calls_compute", "calls_view")
+FEATURES = (
+    "macs_conv",
+    "macs_conv_1d",
+    "macs_pointwise",
+    "macs_linear",
+    "macs_attention",
+    "elems_norm",
+    "elems_other",
+    "calls_compute",
+    "calls_view",
+)
 
-_VIEW_OPS = frozenset({"view", "reshape", "transpose", "permute", "narrow", "__getitem__", "expand", "split",
-                       "chunk", "unsqueeze", "squeeze", "flatten", "contiguous", "to", "as_tensor", "float",
-                       "type_as", "detach", "select", "unbind"})
+_VIEW_OPS = frozenset(
+    {
+        "view",
+        "reshape",
+        "transpose",
+        "permute",
+        "narrow",
+        "__getitem__",
+        "expand",
+        "split",
+        "chunk",
+        "unsqueeze",
+        "squeeze",
+        "flatten",
+        "contiguous",
+        "to",
+        "as_tensor",
+        "float",
+        "type_as",
+        "detach",
+        "select",
+        "unbind",
+    }
+)
 _NORM_OPS = frozenset({"group_norm", "layer_norm", "batch_norm", "instance_norm"})
 
 
@@ -57,8 +86,10 @@ def _conv_out_shape(args: tuple, kwargs: dict) -> tuple[int, ...]:
         return (x.shape[0], weight.shape[0], *x.shape[2:])
     if padding == "valid":
         padding = (0,) * spatial
-    sizes = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-             for n, p, d, k, s in zip(x.shape[2:], padding, dilation, kernel, stride)]
+    sizes = [
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip(x.shape[2:], padding, dilation, kernel, stride)
+    ]
     return (x.shape[0], weight.shape[0], *sizes)
 
 

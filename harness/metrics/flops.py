@@ -46,15 +46,42 @@ from search_spaces import SubnetConfig, Supernet, VideoUNet, make_dummy_inputs
 Inputs = dict[str, Any] | tuple[Any, ...]
 
 ELEMENTWISE_OPS = (
-    "aten::add", "aten::add_", "aten::sub", "aten::sub_", "aten::rsub", "aten::mul", "aten::mul_",
-    "aten::div", "aten::div_", "aten::reciprocal", "aten::neg", "aten::exp", "aten::sin", "aten::cos", "aten::sqrt",
-    "aten::rsqrt", "aten::pow", "aten::silu", "aten::silu_", "aten::gelu", "aten::sigmoid", "aten::tanh",
+    "aten::add",
+    "aten::add_",
+    "aten::sub",
+    "aten::sub_",
+    "aten::rsub",
+    "aten::mul",
+    "aten::mul_",
+    "aten::div",
+    "aten::div_",
+    "aten::reciprocal",
+    "aten::neg",
+    "aten::exp",
+    "aten::sin",
+    "aten::cos",
+    "aten::sqrt",
+    "aten::rsqrt",
+    "aten::pow",
+    "aten::silu",
+    "aten::silu_",
+    "aten::gelu",
+    "aten::sigmoid",
+    "aten::tanh",
     "aten::softmax",
 )
 
 # Operator families, as fvcore's ``by_operator`` names them (the handle name without ``aten::``).
-MATMUL_OPERATORS = ("conv", "linear", "matmul", "mm", "addmm", "bmm", "einsum",
-                    "scaled_dot_product_attention")
+MATMUL_OPERATORS = (
+    "conv",
+    "linear",
+    "matmul",
+    "mm",
+    "addmm",
+    "bmm",
+    "einsum",
+    "scaled_dot_product_attention",
+)
 
 
 def _sdpa_flop(inputs: list, outputs: list) -> int:
@@ -67,6 +94,7 @@ def _sdpa_flop(inputs: list, outputs: list) -> int:
 def _per_output_element(scale: float):
     def handle(inputs: list, outputs: list) -> int:
         return int(scale * prod(get_shape(outputs[0])))
+
     return handle
 
 
@@ -146,8 +174,10 @@ def flop_analysis(module: nn.Module, inputs: Inputs, elementwise: bool = True) -
 def _check_supported(analysis: FlopCountAnalysis) -> None:
     missing = analysis.unsupported_ops()
     if missing:
-        raise RuntimeError(f"no FLOP handle for operator(s) {dict(missing)}: register one in "
-                           "harness.metrics.flops (or pass strict=False)")
+        raise RuntimeError(
+            f"no FLOP handle for operator(s) {dict(missing)}: register one in "
+            "harness.metrics.flops (or pass strict=False)"
+        )
 
 
 def count_flops(module: nn.Module, inputs: Inputs, elementwise: bool = True, strict: bool = True) -> int:
@@ -162,8 +192,9 @@ def count_flops(module: nn.Module, inputs: Inputs, elementwise: bool = True, str
     return int(analysis.total())
 
 
-def flops_by_operator(module: nn.Module, inputs: Inputs, elementwise: bool = True,
-                      strict: bool = True) -> dict[str, int]:
+def flops_by_operator(
+    module: nn.Module, inputs: Inputs, elementwise: bool = True, strict: bool = True
+) -> dict[str, int]:
     """FLOPs per operator family (fvcore ``by_operator`` names: ``conv``, ``linear``, ``group_norm``,
     ``scaled_dot_product_attention``, ``add``, ...), largest first."""
     analysis = flop_analysis(module, inputs, elementwise)
@@ -184,8 +215,9 @@ def _default_frames(model: VideoUNet) -> int:
     return model.frames
 
 
-def denoiser_inputs(model: VideoUNet, subnet: SubnetConfig | int, frames: int | None = None,
-                    batch: int = 1) -> tuple[VideoUNet, dict[str, torch.Tensor]]:
+def denoiser_inputs(
+    model: VideoUNet, subnet: SubnetConfig | int, frames: int | None = None, batch: int = 1
+) -> tuple[VideoUNet, dict[str, torch.Tensor]]:
     """The static network and keyword inputs of one denoiser forward.
 
     ``subnet``: a ``SubnetConfig`` (``model`` must then be its ``Supernet``; the subnet is extracted and
@@ -196,20 +228,23 @@ def denoiser_inputs(model: VideoUNet, subnet: SubnetConfig | int, frames: int | 
     frames = frames or _default_frames(model)
     if isinstance(subnet, SubnetConfig):
         if not isinstance(model, Supernet):
-            raise TypeError("a SubnetConfig needs the Supernet it belongs to; "
-                            "pass a resolution for a static net")
+            raise TypeError(
+                "a SubnetConfig needs the Supernet it belongs to; pass a resolution for a static net"
+            )
         static, resolution = model.extract(subnet), subnet.resolution
     elif isinstance(subnet, int) and not isinstance(subnet, bool):
         static, resolution = model, subnet
     else:
-        raise TypeError(f"subnet must be a SubnetConfig or a resolution in pixels, "
-                        f"got {type(subnet).__name__}")
+        raise TypeError(
+            f"subnet must be a SubnetConfig or a resolution in pixels, got {type(subnet).__name__}"
+        )
     device = next(static.parameters()).device
     return static, make_dummy_inputs(static.spec, resolution, frames, batch, seed=0, device=device)
 
 
-def denoiser_flops(model: VideoUNet, subnet: SubnetConfig | int, frames: int | None = None,
-                   batch: int = 1) -> int:
+def denoiser_flops(
+    model: VideoUNet, subnet: SubnetConfig | int, frames: int | None = None, batch: int = 1
+) -> int:
     """FLOPs of one denoiser forward of ``model`` at ``subnet`` (see ``denoiser_inputs`` for arguments)."""
     static, inputs = denoiser_inputs(model, subnet, frames, batch)
     return count_flops(static.eval(), inputs)

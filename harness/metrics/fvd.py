@@ -384,8 +384,12 @@ def _attribute_hits(videos: torch.Tensor, prompts: Sequence[str], extractor: Any
     return hits
 
 
-def text_alignment_by_attribute(videos: torch.Tensor, prompts: Sequence[str], extractor: Any) -> dict[str, float]:
+def text_alignment_by_attribute(
+    videos: torch.Tensor, prompts: Sequence[str], extractor: Any
+) -> dict[str, float]:
     """``text_alignment`` per attribute (e.g. ``{"colour": 0.9, "shape": 0.4, ...}``): which parts of the
     prompts a generator follows. Chance level is ``1 / classes`` of each attribute. Empty when no prompt
     parses."""
-    return {name: float(np.mean(values)) for name, values in _attribute_hits(videos, prompts, extractor).items()}
+    return {
+        name: float(np.mean(values)) for name, values in _attribute_hits(videos, prompts, extractor).items()
+    }

@@ -33,15 +33,15 @@ class LatencyResult:
     median_ms: float
     iqr_ms: float
     n_runs: int
-    device: str            # torch device string, e.g. "cpu", "cuda:0"
-    device_name: str       # e.g. the CPU model or torch.cuda.get_device_name
-    threads: int           # intra-op threads the Timer ran with
+    device: str  # torch device string, e.g. "cpu", "cuda:0"
+    device_name: str  # e.g. the CPU model or torch.cuda.get_device_name
+    threads: int  # intra-op threads the Timer ran with
     torch_version: str
-    dtype: str             # parameter dtype of the module, or "n/a" for a plain callable
-    batch: int | None      # input sizes; None when unknown (plain callable, no "sample" input)
+    dtype: str  # parameter dtype of the module, or "n/a" for a plain callable
+    batch: int | None  # input sizes; None when unknown (plain callable, no "sample" input)
     frames: int | None
     resolution: int | None
-    clock: str = "wall"    # "wall": elapsed time; "process": CPU time of this process (see measure_latency)
+    clock: str = "wall"  # "wall": elapsed time; "process": CPU time of this process (see measure_latency)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,13 +88,18 @@ def _move(inputs: Inputs, device: torch.device, dtype: torch.dtype | None) -> In
         if not isinstance(x, torch.Tensor):
             return x
         return x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+
     if isinstance(inputs, dict):
         return {k: move(v) for k, v in inputs.items()}
     return tuple(move(x) for x in inputs)
 
 
-def _as_callable(target: Callable[[], Any] | nn.Module, inputs: Inputs | None, device: torch.device,
-                 dtype: torch.dtype | None) -> tuple[Callable[[], Any], str, Inputs | None]:
+def _as_callable(
+    target: Callable[[], Any] | nn.Module,
+    inputs: Inputs | None,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> tuple[Callable[[], Any], str, Inputs | None]:
     if isinstance(target, nn.Module):
         if inputs is None:
             raise ValueError("measuring a module needs its inputs (a dict of keyword inputs or a tuple)")
@@ -112,11 +117,21 @@ def _as_callable(target: Callable[[], Any] | nn.Module, inputs: Inputs | None, d
     return target, "n/a", None
 
 
-def measure_latency(target: Callable[[], Any] | nn.Module, inputs: Inputs | None = None, *,
-                    device: str | torch.device = "cpu", threads: int | None = None,
-                    min_run_time: float = 1.0, warmup: int = 3, adaptive: bool = False,
-                    threshold: float = 0.1, max_run_time: float = 10.0, dtype: torch.dtype | None = None,
-                    clock: str = "wall", label: str = "latency") -> LatencyResult:
+def measure_latency(
+    target: Callable[[], Any] | nn.Module,
+    inputs: Inputs | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+    warmup: int = 3,
+    adaptive: bool = False,
+    threshold: float = 0.1,
+    max_run_time: float = 10.0,
+    dtype: torch.dtype | None = None,
+    clock: str = "wall",
+    label: str = "latency",
+) -> LatencyResult:
     """Time one call of ``target`` (a no-argument callable, or ``module(**inputs)``) on ``device``.
 
     ``threads``: intra-op threads (``None`` = ``torch.get_num_threads()``, recorded either way).
@@ -131,8 +146,9 @@ def measure_latency(target: Callable[[], Any] | nn.Module, inputs: Inputs | None
     device = torch.device(device)
     threads = torch.get_num_threads() if threads is None else int(threads)
     if threads < 1 or min_run_time <= 0 or warmup < 0:
-        raise ValueError(f"need threads >= 1, min_run_time > 0, warmup >= 0 (got {threads}, {min_run_time}, "
-                         f"{warmup})")
+        raise ValueError(
+            f"need threads >= 1, min_run_time > 0, warmup >= 0 (got {threads}, {min_run_time}, {warmup})"
+        )
     if clock not in ("wall", "process") or (clock == "process" and device.type != "cpu"):
         raise ValueError(f"clock must be 'wall', or 'process' on the CPU (got {clock!r} on {device.type})")
     fn, dtype_name, moved = _as_callable(target, inputs, device, dtype)
@@ -149,12 +165,22 @@ def measure_latency(target: Callable[[], Any] | nn.Module, inputs: Inputs | None
         finally:
             torch.set_num_threads(previous)
         if adaptive:
-            m = timer.adaptive_autorange(threshold=threshold, min_run_time=min_run_time,
-                                         max_run_time=max_run_time)
+            m = timer.adaptive_autorange(
+                threshold=threshold, min_run_time=min_run_time, max_run_time=max_run_time
+            )
         else:
             m = timer.blocked_autorange(min_run_time=min_run_time)
     return LatencyResult(
-        median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3, n_runs=len(m.times) * m.number_per_run,
-        device=str(device), device_name=device_description(device), threads=threads,
-        torch_version=torch.__version__, dtype=dtype_name, batch=batch, frames=frames, resolution=resolution,
-        clock=clock)
+        median_ms=m.median * 1e3,
+        iqr_ms=m.iqr * 1e3,
+        n_runs=len(m.times) * m.number_per_run,
+        device=str(device),
+        device_name=device_description(device),
+        threads=threads,
+        torch_version=torch.__version__,
+        dtype=dtype_name,
+        batch=batch,
+        frames=frames,
+        resolution=resolution,
+        clock=clock,
+    )

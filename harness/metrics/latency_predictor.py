@@ -45,8 +45,9 @@ FORMAT = "sned-latency-predictor/1"
 _CACHE_SIZE = 4096
 
 
-def subnet_features(net: Supernet, cfg: SubnetConfig, frames: int, batch: int,
-                    resolution: int | None = None) -> dict[str, float]:
+def subnet_features(
+    net: Supernet, cfg: SubnetConfig, frames: int, batch: int, resolution: int | None = None
+) -> dict[str, float]:
     """Cost features of one forward of ``cfg``'s static network on inputs ``(batch, C, frames, R, R)``
     (``R = resolution or cfg.resolution``), traced on the meta device (no weights, no arithmetic)."""
     spec = net.spec_for(cfg)
@@ -62,13 +63,19 @@ def calibration_report(measured_ms: Sequence[float], predicted_ms: Sequence[floa
     y = np.asarray(measured_ms, dtype=np.float64)
     p = np.asarray(predicted_ms, dtype=np.float64)
     if y.shape != p.shape or y.ndim != 1 or len(y) < 3:
-        raise ValueError(f"need two equal-length 1-D sequences of >= 3 latencies, "
-                         f"got {y.shape} and {p.shape}")
+        raise ValueError(
+            f"need two equal-length 1-D sequences of >= 3 latencies, got {y.shape} and {p.shape}"
+        )
     if np.any(y <= 0):
         raise ValueError("measured latencies must be positive")
     err = np.abs(p - y) / y * 100
-    return {"n": len(y), "mape_pct": float(err.mean()), "max_error_pct": float(err.max()),
-            "median_error_pct": float(np.median(err)), "spearman": float(spearmanr(p, y).statistic)}
+    return {
+        "n": len(y),
+        "mape_pct": float(err.mean()),
+        "max_error_pct": float(err.max()),
+        "median_error_pct": float(np.median(err)),
+        "spearman": float(spearmanr(p, y).statistic),
+    }
 
 
 def fit_nnls(features: np.ndarray, latency_ms: np.ndarray) -> tuple[float, np.ndarray]:
@@ -109,19 +116,37 @@ def _draw_subnets(net: Supernet, resolution: int, count: int, rng: np.random.Gen
     return out
 
 
-def _measure_all(net: Supernet, cfgs: list[SubnetConfig], frames: int, batch: int, device: torch.device,
-                 threads: int, min_run_time: float, rounds: int, clock: str, rng: np.random.Generator,
-                 progress: bool) -> np.ndarray:
+def _measure_all(
+    net: Supernet,
+    cfgs: list[SubnetConfig],
+    frames: int,
+    batch: int,
+    device: torch.device,
+    threads: int,
+    min_run_time: float,
+    rounds: int,
+    clock: str,
+    rng: np.random.Generator,
+    progress: bool,
+) -> np.ndarray:
     """Latency ``(rounds, len(cfgs))`` in ms: per round, every subnet once, in a shuffled order."""
     times = np.zeros((rounds, len(cfgs)))
     with tqdm(total=rounds * len(cfgs), desc="latency", unit="subnet", disable=not progress) as bar:
         for r in range(rounds):
             for i in rng.permutation(len(cfgs)):
                 static = net.extract(cfgs[i]).to(device)
-                inputs = make_dummy_inputs(static.spec, cfgs[i].resolution, frames, batch, seed=0,
-                                           device=device)
-                result = measure_latency(static, inputs, device=device, threads=threads,
-                                         min_run_time=min_run_time, warmup=2, clock=clock)
+                inputs = make_dummy_inputs(
+                    static.spec, cfgs[i].resolution, frames, batch, seed=0, device=device
+                )
+                result = measure_latency(
+                    static,
+                    inputs,
+                    device=device,
+                    threads=threads,
+                    min_run_time=min_run_time,
+                    warmup=2,
+                    clock=clock,
+                )
                 times[r, i] = result.median_ms
                 bar.update(1)
     return times
@@ -135,8 +160,14 @@ class LatencyPredictor:
     held-out subnets' measured and predicted latencies.
     """
 
-    def __init__(self, intercept_ms: float, weights: dict[str, float], provenance: dict[str, Any],
-                 calibration: dict[str, float] | None = None, holdout: list[dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        intercept_ms: float,
+        weights: dict[str, float],
+        provenance: dict[str, Any],
+        calibration: dict[str, float] | None = None,
+        holdout: list[dict[str, Any]] | None = None,
+    ):
         missing = set(FEATURES) - set(weights)
         if missing:
             raise ValueError(f"predictor weights lack feature(s) {sorted(missing)}")
@@ -156,11 +187,14 @@ class LatencyPredictor:
         """Predicted latency (ms) of one forward of ``cfg`` at the fitted frames / batch / resolution."""
         prov = self.provenance
         if (net.family, net.preset) != (prov["family"], prov["preset"]):
-            raise ValueError(f"predictor was fitted for {prov['family']}/{prov['preset']}, "
-                             f"not {net.family}/{net.preset}")
+            raise ValueError(
+                f"predictor was fitted for {prov['family']}/{prov['preset']}, not {net.family}/{net.preset}"
+            )
         if cfg.resolution != prov["resolution"]:
-            raise ValueError(f"predictor was calibrated at {prov['resolution']}px; config is at "
-                             f"{cfg.resolution}px (fit one predictor per resolution)")
+            raise ValueError(
+                f"predictor was calibrated at {prov['resolution']}px; config is at "
+                f"{cfg.resolution}px (fit one predictor per resolution)"
+            )
         if cfg.key not in self._cache:
             if len(self._cache) >= _CACHE_SIZE:
                 self._cache.clear()
@@ -170,10 +204,22 @@ class LatencyPredictor:
 
     # -- fitting -------------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, net: Supernet, resolution: int | None = None, frames: int | None = None, batch: int = 1,
-            n_fit: int = 80, n_holdout: int = 30, threads: int = 1, seed: int = 0,
-            min_run_time: float = 0.3, rounds: int = 5, clock: str = "wall",
-            device: str | torch.device = "cpu", progress: bool = True) -> LatencyPredictor:
+    def fit(
+        cls,
+        net: Supernet,
+        resolution: int | None = None,
+        frames: int | None = None,
+        batch: int = 1,
+        n_fit: int = 80,
+        n_holdout: int = 30,
+        threads: int = 1,
+        seed: int = 0,
+        min_run_time: float = 0.3,
+        rounds: int = 5,
+        clock: str = "wall",
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> LatencyPredictor:
         """Measure ``n_fit + n_holdout`` subnets, fit on the first ``n_fit``, report on the rest.
 
         ``resolution`` / ``frames``: ``None`` = the supernet's default resolution / training frames.
@@ -189,23 +235,36 @@ class LatencyPredictor:
         resolution = resolution or net.space.default_resolution
         frames = frames or net.hyper.frames
         if threads < 1 or n_fit < len(FEATURES) + 1 or n_holdout < 3 or rounds < 1 or batch < 1:
-            raise ValueError(f"need threads >= 1, n_fit >= {len(FEATURES) + 1}, n_holdout >= 3, rounds >= 1, "
-                             "batch >= 1")
+            raise ValueError(
+                f"need threads >= 1, n_fit >= {len(FEATURES) + 1}, n_holdout >= 3, rounds >= 1, batch >= 1"
+            )
         rng = np.random.default_rng(seed)
         cfgs = _draw_subnets(net, resolution, n_fit + n_holdout, rng)
         device = torch.device(device)
-        times = _measure_all(net, cfgs, frames, batch, device, threads, min_run_time, rounds, clock, rng,
-                             progress)
+        times = _measure_all(
+            net, cfgs, frames, batch, device, threads, min_run_time, rounds, clock, rng, progress
+        )
         latency = np.median(times, axis=0)
         traced = [subnet_features(net, c, frames, batch) for c in cfgs]
         features = np.array([[f[name] for name in FEATURES] for f in traced])  # (n_fit + n_holdout, k)
         intercept, weights = fit_nnls(features[:n_fit], latency[:n_fit])
         provenance = {
-            "device": str(device), "device_name": device_description(device), "threads": threads,
-            "torch_version": torch.__version__, "dtype": str(net.conv_in.weight.dtype).removeprefix("torch."),
-            "family": net.family, "preset": net.preset, "resolution": resolution, "frames": frames,
-            "batch": batch, "n_fit": n_fit, "n_holdout": n_holdout, "seed": seed, "rounds": rounds,
-            "min_run_time_s": min_run_time, "clock": clock,
+            "device": str(device),
+            "device_name": device_description(device),
+            "threads": threads,
+            "torch_version": torch.__version__,
+            "dtype": str(net.conv_in.weight.dtype).removeprefix("torch."),
+            "family": net.family,
+            "preset": net.preset,
+            "resolution": resolution,
+            "frames": frames,
+            "batch": batch,
+            "n_fit": n_fit,
+            "n_holdout": n_holdout,
+            "seed": seed,
+            "rounds": rounds,
+            "min_run_time_s": min_run_time,
+            "clock": clock,
             "latency_statistic": "median over rounds of the per-round median",
             "model": "nnls on relative residuals: intercept + weights . features",
         }
@@ -213,8 +272,9 @@ class LatencyPredictor:
         predictor._calibrate(cfgs, features, times, n_fit)
         return predictor
 
-    def _calibrate(self, cfgs: list[SubnetConfig], features: np.ndarray, times: np.ndarray,
-                   n_fit: int) -> None:
+    def _calibrate(
+        self, cfgs: list[SubnetConfig], features: np.ndarray, times: np.ndarray, n_fit: int
+    ) -> None:
         """Fill ``calibration`` and ``holdout`` from features ``(n, k)`` and timings ``(rounds, n)``; the
         first ``n_fit`` subnets were fitted on, the rest are held out."""
         weights = np.array([self.weights[name] for name in FEATURES])
@@ -233,14 +293,22 @@ class LatencyPredictor:
         if len(times) >= 4:  # the same for the aggregate: median of the even rounds vs median of the odd ones
             split = calibration_report(np.median(held[1::2], axis=0), np.median(held[0::2], axis=0))
             self.calibration.update(split_mape_pct=split["mape_pct"], split_spearman=split["spearman"])
-        self.holdout = [{"subnet": c.to_dict(), "measured_ms": float(y), "predicted_ms": float(p)}
-                        for c, y, p in zip(cfgs[n_fit:], latency[n_fit:], predicted[n_fit:])]
+        self.holdout = [
+            {"subnet": c.to_dict(), "measured_ms": float(y), "predicted_ms": float(p)}
+            for c, y, p in zip(cfgs[n_fit:], latency[n_fit:], predicted[n_fit:])
+        ]
 
     # -- persistence ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "features": list(FEATURES), "intercept_ms": self.intercept_ms,
-                "weights": self.weights, "provenance": self.provenance, "calibration": self.calibration,
-                "holdout": self.holdout}
+        return {
+            "format": FORMAT,
+            "features": list(FEATURES),
+            "intercept_ms": self.intercept_ms,
+            "weights": self.weights,
+            "provenance": self.provenance,
+            "calibration": self.calibration,
+            "holdout": self.holdout,
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write the predictor as JSON (parent directories created); returns the path."""
@@ -255,16 +323,24 @@ class LatencyPredictor:
     def load(cls, path: str | Path) -> LatencyPredictor:
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a latency predictor (expected \"format\": \"{FORMAT}\")")
+            raise ValueError(f'{path} is not a latency predictor (expected "format": "{FORMAT}")')
         if list(data["features"]) != list(FEATURES):
-            raise ValueError(f"{path} uses features {data['features']}, "
-                             f"this version computes {list(FEATURES)}")
-        return cls(data["intercept_ms"], data["weights"], data["provenance"], data.get("calibration"),
-                   data.get("holdout"))
+            raise ValueError(
+                f"{path} uses features {data['features']}, this version computes {list(FEATURES)}"
+            )
+        return cls(
+            data["intercept_ms"],
+            data["weights"],
+            data["provenance"],
+            data.get("calibration"),
+            data.get("holdout"),
+        )
 
     def __repr__(self) -> str:
         p, c = self.provenance, self.calibration
         cal = f", MAPE {c['mape_pct']:.1f}%, Spearman {c['spearman']:.3f}" if c else ""
-        return (f"LatencyPredictor({p.get('family')}/{p.get('preset')} {p.get('resolution')}px "
-                f"x{p.get('frames')} b{p.get('batch')} on {p.get('device_name')}, "
-                f"{p.get('threads')} threads{cal})")
+        return (
+            f"LatencyPredictor({p.get('family')}/{p.get('preset')} {p.get('resolution')}px "
+            f"x{p.get('frames')} b{p.get('batch')} on {p.get('device_name')}, "
+            f"{p.get('threads')} threads{cal})"
+        )

@@ -28,7 +28,11 @@ def used_trials(study: optuna.Study) -> int:
     (WAITING) trials do not: ``study.ask`` hands them out before it creates new ones."""
     n = 0
     for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.RUNNING) or t.state == TrialState.FAIL and t.user_attrs.get("measurement_failed"):
+        if (
+            t.state in (TrialState.COMPLETE, TrialState.RUNNING)
+            or t.state == TrialState.FAIL
+            and t.user_attrs.get("measurement_failed")
+        ):
             n += 1
     return n
 
@@ -41,15 +45,17 @@ def fail_abandoned(study: optuna.Study, storage: optuna.storages.RDBStorage, sha
         return
     study_id = storage.get_study_id_from_name(study.study_name)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, t.number),
-                                       TrialState.FAIL)
+        storage.set_trial_state_values(
+            storage.get_trial_id_from_study_id_trial_number(study_id, t.number), TrialState.FAIL
+        )
 
 
 class Heartbeat:
     """Records a trial's heartbeat every few seconds while it is being measured (shared storages)."""
 
-    def __init__(self, storage: optuna.storages.RDBStorage, study_name: str, number: int | None,
-                 interval: float = 10.0):
+    def __init__(
+        self, storage: optuna.storages.RDBStorage, study_name: str, number: int | None, interval: float = 10.0
+    ):
         self.storage, self.interval = storage, interval
         self.trial_id = None
         if number is not None and storage.get_heartbeat_interval() is not None:
@@ -81,8 +87,8 @@ class SearchRun:
     store: Store
     searcher: Searcher
     measurer: Measurer
-    objectives: list[str]            # objective names (``latency``, ``fvd``)
-    trials: int                      # the study's budget, over all workers
+    objectives: list[str]  # objective names (``latency``, ``fvd``)
+    trials: int  # the study's budget, over all workers
     constraints: Callable[[dict], list[float]] = field(default=lambda values: [])  # <= 0 is feasible
 
     @property
@@ -115,12 +121,17 @@ def run_one(run: SearchRun) -> bool:
         run.searcher.abandon(handle)
         raise
     attrs["metrics"] = values
-    number = run.searcher.tell(handle, [values[metric_name(o)] for o in run.objectives], run.constraints(values),
-                               attrs=attrs)
+    number = run.searcher.tell(
+        handle, [values[metric_name(o)] for o in run.objectives], run.constraints(values), attrs=attrs
+    )
     study_id = run.storage.get_study_id_from_name(run.study.study_name)
-    run.store.link_trial(run.measurer.candidate_id(cand), run.study.study_name, run.searcher.name,
-                         optuna_trial_id=run.storage.get_trial_id_from_study_id_trial_number(study_id, number),
-                         trial_number=number)
+    run.store.link_trial(
+        run.measurer.candidate_id(cand),
+        run.study.study_name,
+        run.searcher.name,
+        optuna_trial_id=run.storage.get_trial_id_from_study_id_trial_number(study_id, number),
+        trial_number=number,
+    )
     return True
 
 
@@ -129,8 +140,9 @@ def run_search(run: SearchRun, shared: bool) -> None:
     with run.store.exclusive(f"study:{run.study.study_name}"):
         fail_abandoned(run.study, run.storage, shared)
     recorder = run.measurer.recorder
-    bar = tqdm(total=run.trials, initial=min(used_trials(run.study), run.trials), desc="search",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=run.trials, initial=min(used_trials(run.study), run.trials), desc="search", dynamic_ncols=True
+    )
     try:
         while run_one(run):
             bar.update(1)
@@ -139,23 +151,38 @@ def run_search(run: SearchRun, shared: bool) -> None:
         bar.close()
 
 
-def default_study_name(base_family: str, preset: str, resolution: int, objectives: list[str], searcher: str,
-                       seed: int) -> str:
+def default_study_name(
+    base_family: str, preset: str, resolution: int, objectives: list[str], searcher: str, seed: int
+) -> str:
     return f"{base_family}-{preset}-{resolution}px-{'+'.join(objectives)}-{searcher}-seed{seed}"
 
 
-def open_study(store: Store, storage: optuna.storages.RDBStorage, name: str, objectives: list[str],
-               sampler: optuna.samplers.BaseSampler, make_searcher: Callable[[optuna.Study], Searcher],
-               anchors: list[tuple[float, Candidate]], attrs: dict) -> tuple[optuna.Study, Searcher]:
+def open_study(
+    store: Store,
+    storage: optuna.storages.RDBStorage,
+    name: str,
+    objectives: list[str],
+    sampler: optuna.samplers.BaseSampler,
+    make_searcher: Callable[[optuna.Study], Searcher],
+    anchors: list[tuple[float, Candidate]],
+    attrs: dict,
+) -> tuple[optuna.Study, Searcher]:
     """Create or resume study ``name`` and its searcher. A new study records ``attrs`` and starts with the
     ``anchors``; a resumed one keeps the attributes it was created with. Workers starting together are
     serialised, so exactly one of them sees the study new."""
     with store.exclusive("optuna-schema"):  # Optuna's DDL and the first trials must not race
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
-                                    directions=["minimize"] * len(objectives))
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=sampler,
+            load_if_exists=True,
+            directions=["minimize"] * len(objectives),
+        )
         if len(study.directions) != len(objectives):
-            raise ValueError(f"study '{name}' exists with {len(study.directions)} objectives, not "
-                             f"{len(objectives)}; pass --study NEW for a new one")
+            raise ValueError(
+                f"study '{name}' exists with {len(study.directions)} objectives, not "
+                f"{len(objectives)}; pass --study NEW for a new one"
+            )
         new = not study.get_trials(deepcopy=False) and not study.user_attrs
         if new:
             for key, value in attrs.items():
@@ -173,7 +200,9 @@ def anchor_candidates(encoding, anchors: str) -> list[tuple[float, Candidate]]:
     try:
         fractions = [float(f) for f in anchors.split(",") if f.strip()]
     except ValueError:
-        raise ValueError(f"--anchors takes comma-separated fractions such as 0.4,1.0, got '{anchors}'") from None
+        raise ValueError(
+            f"--anchors takes comma-separated fractions such as 0.4,1.0, got '{anchors}'"
+        ) from None
     if any(not 0 < f <= 1 for f in fractions):
         raise ValueError(f"--anchors fractions must lie in (0, 1], got '{anchors}'")
     out = []

@@ -24,12 +24,14 @@ def timestep_weights(late_portion: float = 0.25, late_multiplier: float = 1.0) -
     """Sampling weights over the training timesteps: the noisiest ``late_portion`` drawn ``late_multiplier``
     times as often (diffusers' "later" timestep bias); ``None`` (uniform) when the multiplier is 1."""
     if not 0.0 < late_portion <= 1.0 or late_multiplier <= 0:
-        raise ValueError(f"timestep bias needs a portion in (0, 1] and a positive multiplier, got "
-                         f"{late_portion} and {late_multiplier}")
+        raise ValueError(
+            f"timestep bias needs a portion in (0, 1] and a positive multiplier, got "
+            f"{late_portion} and {late_multiplier}"
+        )
     if late_multiplier == 1.0:
         return None
     weights = torch.ones(NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
-    weights[NUM_TRAIN_TIMESTEPS - round(late_portion * NUM_TRAIN_TIMESTEPS):] = late_multiplier
+    weights[NUM_TRAIN_TIMESTEPS - round(late_portion * NUM_TRAIN_TIMESTEPS) :] = late_multiplier
     return weights / weights.sum()
 
 
@@ -83,10 +85,24 @@ class Batch:
         return kwargs
 
 
-def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolution: int, global_batch: int,
-               rank: int = 0, world: int = 1, cond_drop: float = 0.1, super_resolution: bool = False,
-               max_noise_level: float = 0.5, encode=None, offset_noise: float = 0.0,
-               schedule: NoiseSchedule = EPS_COSINE, t_weights: torch.Tensor | None = None) -> Batch:
+def make_batch(
+    source: ClipSource,
+    text_encoder,
+    *,
+    seed: int,
+    step: int,
+    resolution: int,
+    global_batch: int,
+    rank: int = 0,
+    world: int = 1,
+    cond_drop: float = 0.1,
+    super_resolution: bool = False,
+    max_noise_level: float = 0.5,
+    encode=None,
+    offset_noise: float = 0.0,
+    schedule: NoiseSchedule = EPS_COSINE,
+    t_weights: torch.Tensor | None = None,
+) -> Batch:
     """One rank's share of step ``step``'s global batch. ``encode`` (latent families) maps a pixel clip
     batch ``(1, 3, T, R, R)`` to the latents the supernet denoises; ``resolution`` is then in pixels.
 
@@ -107,8 +123,11 @@ def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolu
         if encode is not None:
             clip = encode(clip[None])[0]
         noises.append(torch.randn(clip.shape, generator=g))
-        ts.append(int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g)) if t_weights is None
-                  else int(torch.multinomial(t_weights, 1, generator=g)))
+        ts.append(
+            int(torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=g))
+            if t_weights is None
+            else int(torch.multinomial(t_weights, 1, generator=g))
+        )
         drops.append(bool(torch.rand(1, generator=g) < cond_drop))
         captions.append(source.caption(int(indices[j])))
         if super_resolution:
@@ -122,8 +141,13 @@ def make_batch(source: ClipSource, text_encoder, *, seed: int, step: int, resolu
     x0, noise = torch.stack(clips), torch.stack(noises)
     timesteps = torch.tensor(ts, dtype=torch.long)
     context = text_encoder.encode(captions) if text_encoder is not None else None
-    return Batch(noisy=sched.add_noise(x0, noise, timesteps), noise=noise,
-                 target=schedule.target(x0, noise, timesteps), timesteps=timesteps, context=context,
-                 drop=torch.tensor(drops, dtype=torch.bool),
-                 low_res=torch.stack(lows) if super_resolution else None,
-                 noise_level=torch.cat(levels) if super_resolution else None)
+    return Batch(
+        noisy=sched.add_noise(x0, noise, timesteps),
+        noise=noise,
+        target=schedule.target(x0, noise, timesteps),
+        timesteps=timesteps,
+        context=context,
+        drop=torch.tensor(drops, dtype=torch.bool),
+        low_res=torch.stack(lows) if super_resolution else None,
+        noise_level=torch.cat(levels) if super_resolution else None,
+    )

@@ -26,8 +26,15 @@ def _tensors(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in d.items()}
 
 
-def save_checkpoint(run_dir: str | Path, *, model_state: dict, ema_state: dict, optimizer_state: dict,
-                    config: dict, training: dict) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    *,
+    model_state: dict,
+    ema_state: dict,
+    optimizer_state: dict,
+    config: dict,
+    training: dict,
+) -> Path:
     """Write ``<run_dir>/checkpoint`` atomically and return its path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +74,10 @@ def load_checkpoint(path: str | Path) -> dict:
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)})")
-    return {"model": load_file(str(path / "model.safetensors")), "ema": load_file(str(path / "ema.safetensors")),
-            "optimizer": load_file(str(path / "optimizer.safetensors")),
-            "config": json.loads((path / "config.json").read_text()),
-            "training": json.loads((path / "training.json").read_text())}
+    return {
+        "model": load_file(str(path / "model.safetensors")),
+        "ema": load_file(str(path / "ema.safetensors")),
+        "optimizer": load_file(str(path / "optimizer.safetensors")),
+        "config": json.loads((path / "config.json").read_text()),
+        "training": json.loads((path / "training.json").read_text()),
+    }

@@ -71,12 +71,23 @@ def _region(name: str, param: Tensor, value) -> tuple[Tensor | None, list[Box]]:
     if isinstance(value, (tuple, list)):
         boxes = [value] if isinstance(value, tuple) else list(value)
         for box in boxes:
-            ok = isinstance(box, tuple) and len(box) == param.dim() and all(
-                isinstance(b, slice) and b.step is None and b.start is not None and b.stop is not None
-                and 0 <= b.start <= b.stop <= n for b, n in zip(box, param.shape))
+            ok = (
+                isinstance(box, tuple)
+                and len(box) == param.dim()
+                and all(
+                    isinstance(b, slice)
+                    and b.step is None
+                    and b.start is not None
+                    and b.stop is not None
+                    and 0 <= b.start <= b.stop <= n
+                    for b, n in zip(box, param.shape)
+                )
+            )
             if not ok:
-                raise ValueError(f"box for {name!r} must be one slice(start, stop) per dimension of "
-                                 f"{tuple(param.shape)}, got {box}")
+                raise ValueError(
+                    f"box for {name!r} must be one slice(start, stop) per dimension of "
+                    f"{tuple(param.shape)}, got {box}"
+                )
         return None, boxes
     _check_mask(name, param, value)
     return value, []
@@ -99,8 +110,14 @@ def _bias_corrections_many(steps: list[Tensor], beta1: float, beta2: float, dtyp
     return bc1, [t.view(s.shape) for t, s in zip(bc2.split(sizes), steps)], sizes
 
 
-def _adamw_update_boxes(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                        exp_avg_sqs: list[Tensor], steps: list[Tensor], group: Mapping[str, Any]) -> None:
+def _adamw_update_boxes(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    group: Mapping[str, Any],
+) -> None:
     """The masked update with all-True masks, in place on views of many tensors at once (torch's
     ``_foreach`` kernels): entry by entry the same arithmetic as ``_adamw_update_where`` (bit-identical,
     tested), without its full-tensor passes or per-tensor Python overhead."""
@@ -218,7 +235,9 @@ class MaskedAdamW(torch.optim.Optimizer):
                 continue
             lists = boxes.setdefault(id(group), (group, [[], [], [], [], []]))[1]
             for box in regions:  # disjoint boxes: each updated once, in place
-                for i, t in enumerate((param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
+                for i, t in enumerate(
+                    (param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
+                ):
                     lists[i].append(t[box])
         for group, lists in boxes.values():
             _adamw_update_boxes(*lists, group)
@@ -307,8 +326,10 @@ def masked_clip_grad_norm_(
     if not selected:
         return torch.tensor(0.0)
     zero = torch.zeros((), dtype=selected[0][0].dtype, device=selected[0][0].device)
-    norms = [torch.linalg.vector_norm(grad if mask is None else torch.where(mask, grad, zero))
-             for grad, mask in selected]
+    norms = [
+        torch.linalg.vector_norm(grad if mask is None else torch.where(mask, grad, zero))
+        for grad, mask in selected
+    ]
     total_norm = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
     clip_coef = torch.clamp(max_norm / (total_norm + eps), max=1.0)
     for grad, mask in selected:

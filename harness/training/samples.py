@@ -25,17 +25,27 @@ def write_training_samples(trainer, steps: int = 10, guidance: float = 3.0, seed
     context = trainer.text.encode(PROMPTS) if trainer.text is not None else None
     conditioning = {}
     if net.spec.cond_channels:
-        clips = torch.stack([resize_video(trainer.source.clip(i, res), res // 2) for i in range(len(PROMPTS))])
+        clips = torch.stack(
+            [resize_video(trainer.source.clip(i, res), res // 2) for i in range(len(PROMPTS))]
+        )
         conditioning = {"low_res": clips, "noise_level": torch.full((len(PROMPTS),), 0.2)}
     videos = []
     was_training = net.training
     net.eval()
     for cfg in (space.largest(res), space.smallest(res)):
         g = torch.Generator().manual_seed(seed)
-        video = ddim_sample(bind_subnet(net, cfg), (len(PROMPTS), net.spec.in_channels, frames, res, res), context,
-                            null_context(net, len(PROMPTS)) if context is not None else None, steps=steps,
-                            guidance=guidance, generator=g, clip=trainer.codec is None,
-                            schedule=trainer.schedule, **conditioning)
+        video = ddim_sample(
+            bind_subnet(net, cfg),
+            (len(PROMPTS), net.spec.in_channels, frames, res, res),
+            context,
+            null_context(net, len(PROMPTS)) if context is not None else None,
+            steps=steps,
+            guidance=guidance,
+            generator=g,
+            clip=trainer.codec is None,
+            schedule=trainer.schedule,
+            **conditioning,
+        )
         videos.append(trainer.codec.decode(video) if trainer.codec is not None else video)
     net.train(was_training)
     out = Path(trainer.opts.out) / "samples" / f"step_{trainer.step:07d}.gif"

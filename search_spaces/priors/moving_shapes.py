@@ -32,8 +32,13 @@ POSITION_BANDS = 2  # sin/cos of k*pi*x for k = 1..POSITION_BANDS, beside x and 
 POSITION_FEATURES = 2 + 4 * POSITION_BANDS
 
 
-def position_features(height: int, width: int, device: torch.device | None = None,
-                      dtype: torch.dtype | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+def position_features(
+    height: int,
+    width: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Fixed features of the pixel-centre coordinates in ``[-1, 1]``: ``(1, POSITION_FEATURES, 1, H, W)``;
     with ``offset`` ``(B, 2, T)`` (x, y), of the coordinates minus that offset: ``(B, POSITION_FEATURES, T,
     H, W)``.
@@ -79,8 +84,14 @@ class PositionEmbedding(_PositionProjection):
     legacy_flag = "position_embedding"
     legacy_keys: ClassVar[dict[str, str]] = {"position_embed": "embed"}
 
-    def features(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None, spec: UNetSpec,
-                 extras: ConditioningExtras) -> torch.Tensor:
+    def features(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor | None,
+        spec: UNetSpec,
+        extras: ConditioningExtras,
+    ) -> torch.Tensor:
         feats = position_features(x.shape[-2], x.shape[-1], temb.device, temb.dtype)  # (1, F, 1, H, W)
         modulation = extras.get("position_modulation")
         if modulation is not None:
@@ -134,8 +145,14 @@ class PositionVelocity(_PositionProjection):
         self.max_frames = spec.max_frames
         self.velocity = zero_(nn.Linear(spec.context_dim, 2))
 
-    def features(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None, spec: UNetSpec,
-                 extras: ConditioningExtras) -> torch.Tensor:
+    def features(
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor,
+        context: torch.Tensor | None,
+        spec: UNetSpec,
+        extras: ConditioningExtras,
+    ) -> torch.Tensor:
         frames = x.shape[2]
         velocity = self.velocity(context.mean(dim=1))  # (B, 2)
         tau = torch.arange(frames, device=velocity.device, dtype=velocity.dtype) - (frames - 1) / 2
@@ -145,6 +162,7 @@ class PositionVelocity(_PositionProjection):
 
     def plan(self, spec: UNetSpec) -> dict[str, object]:
         return {"velocity": FULL, **super().plan(spec)}
+
 
 register_conditioning("position_embedding", PositionEmbedding)
 register_conditioning("position_modulation", PositionModulation)
