@@ -93,18 +93,6 @@ class ModelBundle:
         """Channels the model denoises (3 for pixels, the latent channels otherwise)."""
         return self.network.spec.in_channels
 
-    def with_network(self, network: Supernet | VideoUNet) -> ModelBundle:
-        """The same provenance around another network (e.g. a subnet extracted from this supernet)."""
-        return ModelBundle(
-            network,
-            self.schedule,
-            self.text_encoder,
-            network.frames,
-            self.codec,
-            self.directory,
-            self.checkpoint_hash,
-        )
-
     def provenance(self) -> dict:
         """What a subnet extracted from this model must carry to be sampled like it (see ``save_static``)."""
         return {

@@ -17,7 +17,7 @@ import torch
 
 from harness.candidates import Candidate
 from harness.metric_names import UNITS
-from harness.models import ModelBundle
+from harness.models import ModelBundle, checkpoint_hash
 from harness.store import Store
 
 Computed = tuple[dict[str, float], dict]  # (values incl. "<metric>_std", provenance)
@@ -71,8 +71,6 @@ def register_models(store: Store, base: ModelBundle, ssr: ModelBundle | None) ->
         }
         family = f"{net.family}+{ssr.supernet.family}"
     if base.codec is not None:
-        from harness.models import checkpoint_hash
-
         codec_digest = checkpoint_hash(base.codec.directory)
         digest = hashlib.sha256(f"latent:{digest}:{codec_digest}".encode()).hexdigest()
         meta["autoencoder"] = {"sha256": codec_digest, "scale": base.codec.scale}
