@@ -9,8 +9,10 @@ Several workers (on several machines) share one study through a PostgreSQL ``--s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from harness.cli import run_cli
 from harness.measurement import (
     Generation,
     Measurer,
+    MeasureSettings,
     add_measure_arguments,
     check_limits_reachable,
     settings_from_args,
@@ -31,6 +34,7 @@ from harness.paths import DEFAULT_STORAGE
 from harness.report import report_front, study_results
 from harness.searchers import SEARCHERS, make_searcher, study_sampler
 from harness.searchers.encoding import CandidateEncoding
+from harness.searchers.promotion import RULES, Promotion, parse_rungs
 from harness.searchers.runner import (
     SearchRun,
     anchor_candidates,
@@ -75,6 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameter fractions whose balanced subnets a new study evaluates first (the "
         "paper's SNED-S/M/L/B points, marked in the plots); '' for none",
     )
+    g = p.add_argument_group("multi-fidelity promotion (harness.searchers.promotion)")
+    g.add_argument(
+        "--rungs",
+        default="auto",
+        help="screening rungs: generated videos per FVD estimate, ascending and below --fvd-videos; a "
+        "candidate reaches the full protocol only when no screened one clearly dominates it ('' = none; "
+        "auto = one rung at a quarter of --fvd-videos, none below 8)",
+    )
+    g.add_argument("--promotion", choices=RULES, default=Promotion.rule, help="promotion rule")
+    g.add_argument("--eta", type=float, default=Promotion.eta, help="top-fraction: promote the best 1/eta")
+    g.add_argument(
+        "--promotion-z",
+        type=float,
+        default=Promotion.z,
+        help="standard errors of a difference that count as clear in the promotion rule",
+    )
     add_model_arguments(p)
     add_measure_arguments(p)
     return p
@@ -90,6 +110,10 @@ def main(argv=None) -> None:
     url = validate_storage_url(args.storage)
     shared = not url.startswith("sqlite")
     settings = settings_from_args(args, shared_storage=shared)
+    promotion = Promotion(
+        parse_rungs(args.rungs, settings.fvd_videos), args.promotion, args.eta, args.promotion_z
+    )
+    promotion.check_against(settings)
     torch.set_num_threads(args.threads)
     base, ssr, resolution = load_chain(args.checkpoint, args.ssr_checkpoint, args.resolution)
     net = base.supernet
@@ -110,28 +134,37 @@ def main(argv=None) -> None:
 
     # Only now is anything written: the store, then the study.
     store = Store.open(url)
-    measurer = Measurer(
-        base,
-        ssr,
-        text,
-        settings,
-        store,
-        worker=f"{socket.gethostname()}:{os.getpid()}",
-        predictors=predictors,
-        extractor=extractor,
-    )
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def measurer_for(s: MeasureSettings) -> Measurer:
+        return Measurer(base, ssr, text, s, store, worker=worker, predictors=predictors, extractor=extractor)
+
+    measurer = measurer_for(settings)
+    screens = {rung: measurer_for(s) for rung, s in promotion.rung_settings(settings).items()}
     name = args.study or default_study_name(
         net.family, net.preset, resolution, objectives, args.searcher, args.seed
     )
-    storage = optuna_storage(
-        url, heartbeat_interval=10 if shared else None, grace_period=60 if shared else None
+    with store.exclusive("optuna-schema"):  # RDBStorage creates Optuna's tables: workers must not race
+        storage = optuna_storage(
+            url, heartbeat_interval=10 if shared else None, grace_period=60 if shared else None
+        )
+    probe = anchors[0][1] if anchors else smallest
+    attrs = json.loads(  # as the study stores them (tuples become lists), so a resume compares equal
+        json.dumps(
+            {
+                "objectives": objectives,
+                "resolution": resolution,
+                "checkpoint": str(Path(args.checkpoint).resolve()),
+                **({"ssr_checkpoint": str(Path(args.ssr_checkpoint).resolve())} if ssr else {}),
+                "settings": asdict(settings),
+                "promotion": asdict(promotion),
+                "fidelity_protocols": {
+                    "full": measurer.protocols(probe),
+                    **{rung: m.protocols(probe) for rung, m in screens.items()},
+                },
+            }
+        )
     )
-    attrs = {
-        "objectives": objectives,
-        "resolution": resolution,
-        "checkpoint": str(Path(args.checkpoint).resolve()),
-        **({"ssr_checkpoint": str(Path(args.ssr_checkpoint).resolve())} if ssr else {}),
-    }
     spaces = (net.space, ssr.supernet.space if ssr else None)
     constrained = any(v is not None for v in limits.values())
     study, searcher = open_study(
@@ -159,6 +192,9 @@ def main(argv=None) -> None:
         objectives,
         args.trials,
         constraints=lambda values: [values[m] - lim for m, lim in limits.items() if lim is not None],
+        screens=screens,
+        promotion=promotion,
+        anchor_keys=frozenset(cand.key for _, cand in anchors),
     )
     run_search(run, shared)
     results = study_results(url, name, measurer.device_name, extractor.name, limits)

@@ -23,3 +23,24 @@ def tiny_nets():
     from search_spaces import build_supernet, list_families
 
     return {fam: randomize_(build_supernet(fam, "tiny"), seed=i) for i, fam in enumerate(list_families())}
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh database on the local PostgreSQL server (127.0.0.1:5432, trust auth), dropped afterwards.
+    Skipped when the server is not reachable, except in CI (``CI=true``), where that is a failure."""
+    import uuid
+
+    psycopg2 = pytest.importorskip("psycopg2")
+    name = f"sned_test_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test")
+    except psycopg2.OperationalError as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but PostgreSQL on 127.0.0.1:5432 is not reachable: {e}")
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {e}")
+    admin.autocommit = True
+    admin.cursor().execute(f"CREATE DATABASE {name}")
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
+    admin.close()

@@ -7,7 +7,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import optuna
@@ -140,21 +139,6 @@ def test_kill_and_resume_finishes_remaining_trials(tmp_path):
     search("--objective", "latency", "--trials", "4", "--storage", url, "--study", "k", *FAST)
     assert len(completed(url, "k")) == 4
     assert (measurement_counts(url) == 1).all()
-
-
-@pytest.fixture
-def postgres_url():
-    psycopg2 = pytest.importorskip("psycopg2")
-    name = f"sned_search_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test")
-    except psycopg2.OperationalError as e:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is not reachable: {e}")
-    admin.autocommit = True
-    admin.cursor().execute(f"CREATE DATABASE {name}")
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    admin.cursor().execute(f"DROP DATABASE {name} WITH (FORCE)")
-    admin.close()
 
 
 @pytest.mark.slow

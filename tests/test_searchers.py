@@ -286,3 +286,51 @@ def test_resumed_searcher_continues_without_repeating_candidates(name, base_enco
     assert [n for _, n in first + second] == list(range(8))
     keys = [c.key for c, _ in first + second]
     assert len(set(keys)) == len(keys), "the resumed search proposed a candidate the study already holds"
+
+
+# -- screening support: annotate, prune, requeue (harness.searchers.promotion relies on them) --------
+@pytest.mark.parametrize("name", SEARCHERS)
+def test_annotations_are_visible_to_another_worker_before_the_tell(name, base_encoding):
+    storage = optuna.storages.InMemoryStorage()
+    study = new_study(name, 0, storage)
+    searcher = new_searcher(name, study, base_encoding)
+    _, handle = searcher.ask()
+    searcher.annotate(handle, {"rung:screen-8": {"fvd": 3.0}})
+    other = optuna.load_study(study_name=study.study_name, storage=storage)
+    assert other.get_trials()[-1].user_attrs["rung:screen-8"] == {"fvd": 3.0}
+    assert other.get_trials()[-1].state == TrialState.RUNNING
+
+
+@pytest.mark.parametrize("name", SEARCHERS)
+def test_pruned_trials_are_not_repeated_and_do_not_use_the_budget(name, base_encoding, nets):
+    from harness.searchers.runner import used_trials
+
+    study = new_study(name, 0)
+    searcher = new_searcher(name, study, base_encoding)
+    pruned_keys = set()
+    for i in range(6):
+        cand, handle = searcher.ask()
+        if i % 2:
+            number = searcher.prune(handle, {"fidelity": "screen-8"})
+            pruned_keys.add(cand.key)
+            trial = study.get_trials()[-1]
+            assert (trial.number, trial.state, trial.values) == (number, TrialState.PRUNED, None)
+            assert trial.user_attrs["fidelity"] == "screen-8"
+        else:
+            searcher.tell(handle, objective(cand, nets))
+    assert used_trials(study) == 3
+    later = [c.key for c, _ in cycles(searcher, 6, nets)]
+    assert not pruned_keys & set(later), "a pruned candidate was proposed again"
+
+
+@pytest.mark.parametrize("name", SEARCHERS)
+def test_requeued_candidate_is_asked_next(name, base_encoding, nets):
+    study = new_study(name, 0)
+    searcher = new_searcher(name, study, base_encoding)
+    cycles(searcher, 2, nets)
+    cand, handle = searcher.ask()
+    searcher.abandon(handle)
+    searcher.requeue(cand, {"requeued": True})
+    again, handle = searcher.ask()
+    assert again.key == cand.key
+    searcher.tell(handle, objective(again, nets))

@@ -81,6 +81,12 @@ class Measurer:
         base, ssr = self.base.supernet, self.ssr.supernet if self.ssr else None
         return self.recorder.candidate_id(cand, cand.params(base, ssr), cand.describe(base, ssr))
 
+    def protocols(self, cand: Candidate) -> dict[str, str]:
+        """The protocol string each metric of ``cand`` is recorded under (a study's identity)."""
+        out = {m: group.protocol(cand) for m, group in self.cost.items()}
+        out.update({m: self.quality.protocol(cand) for m in self.quality.metrics})
+        return out
+
     def measure(self, cand: Candidate, metrics: list[str]) -> dict[str, float]:
         """Values of ``metrics`` (names of ``harness.metric_names.METRICS``) for ``cand``, with their
         ``<metric>_std`` where known; raises ``MeasurementFailed``."""

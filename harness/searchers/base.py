@@ -59,6 +59,20 @@ class Searcher(ABC):
         Ends the asked trial as FAIL without values and without ``measurement_failed`` (Ctrl-C, a killed
         measurement); a no-op where no trial exists yet or the trial is already finished.
 
+    ``annotate(handle, attrs)``
+        Records user attrs on the asked, not yet told trial at once, where other workers see them (a
+        screening result that their promotion decisions compare against).
+
+    ``prune(handle, attrs=None) -> int``
+        Ends the asked trial as PRUNED (screened at a low fidelity and not promoted; see
+        ``harness.searchers.promotion``) with ``attrs`` as user attrs; returns its trial number. A pruned
+        trial carries no values: samplers that model the history rank it below every complete trial,
+        evolution does not breed from it, and it is not re-proposed.
+
+    ``requeue(candidate, attrs=None)``
+        Queues ``candidate`` to be asked again (before new proposals), e.g. after its measurement was
+        abandoned because the machine was too busy to time it.
+
     Budget
         The runner owns the budget. Each ``ask`` is followed by exactly one ``tell`` or ``abandon``; a
         searcher creates trials only in ``ask`` / ``tell`` / ``start`` (``start`` queues WAITING trials,
@@ -117,3 +131,15 @@ class Searcher(ABC):
     @abstractmethod
     def abandon(self, handle: Handle) -> None:
         """End an asked candidate's trial as FAIL without values (no-op when there is no trial)."""
+
+    @abstractmethod
+    def annotate(self, handle: Handle, attrs: dict) -> None:
+        """Record user attrs on an asked, not yet told candidate's trial, visible to other workers."""
+
+    @abstractmethod
+    def prune(self, handle: Handle, attrs: dict | None = None) -> int:
+        """End an asked candidate's trial as PRUNED (not promoted past a screen); its trial number."""
+
+    @abstractmethod
+    def requeue(self, candidate: Candidate, attrs: dict | None = None) -> None:
+        """Queue ``candidate`` to be asked again before new proposals."""

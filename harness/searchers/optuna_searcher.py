@@ -53,8 +53,7 @@ class StudySearcher(Searcher):
         error: str | None = None,
         attrs: dict | None = None,
     ) -> int:
-        for k, v in (attrs or {}).items():
-            handle.set_user_attr(k, v)
+        self.annotate(handle, attrs or {})
         if error is not None or values is None:
             handle.set_user_attr("error", error or "no values")
             handle.set_user_attr("measurement_failed", True)
@@ -70,6 +69,18 @@ class StudySearcher(Searcher):
 
     def abandon(self, handle: Trial) -> None:
         self.study.tell(handle, state=TrialState.FAIL, skip_if_finished=True)
+
+    def annotate(self, handle: Trial, attrs: dict) -> None:
+        for k, v in attrs.items():
+            handle.set_user_attr(k, v)  # written through to the storage at once
+
+    def prune(self, handle: Trial, attrs: dict | None = None) -> int:
+        self.annotate(handle, attrs or {})
+        self.study.tell(handle, state=TrialState.PRUNED)
+        return handle.number
+
+    def requeue(self, candidate: Candidate, attrs: dict | None = None) -> None:
+        self._enqueue(candidate, **(attrs or {}))
 
 
 def resumed_seed(seed: int, n_trials: int) -> int:

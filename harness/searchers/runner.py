@@ -20,6 +20,7 @@ from harness.candidates import Candidate
 from harness.measurement import MeasurementFailed, Measurer
 from harness.metric_names import metric_name
 from harness.searchers import Searcher
+from harness.searchers.promotion import Promotion, promote, pruned_count, rung_attr, rung_pool
 from harness.store import Store
 
 
@@ -88,8 +89,11 @@ class SearchRun:
     searcher: Searcher
     measurer: Measurer
     objectives: list[str]  # objective names (``latency``, ``fvd``)
-    trials: int  # the study's budget, over all workers
+    trials: int  # the study's budget of full-fidelity trials, over all workers
     constraints: Callable[[dict], list[float]] = field(default=lambda values: [])  # <= 0 is feasible
+    screens: dict[str, Measurer] = field(default_factory=dict)  # screening rungs, cheapest first
+    promotion: Promotion | None = None
+    anchor_keys: frozenset[str] = frozenset()  # always promoted
 
     @property
     def metrics(self) -> list[str]:
@@ -103,8 +107,38 @@ def _trial_attrs(run: SearchRun, cand: Candidate) -> dict:
     return {"param_fraction": cand.param_fraction(base, ssr), "description": cand.describe(base, ssr)}
 
 
+def _link(run: SearchRun, cand: Candidate, number: int) -> None:
+    study_id = run.storage.get_study_id_from_name(run.study.study_name)
+    run.store.link_trial(
+        run.measurer.candidate_id(cand),
+        run.study.study_name,
+        run.searcher.name,
+        optuna_trial_id=run.storage.get_trial_id_from_study_id_trial_number(study_id, number),
+        trial_number=number,
+    )
+
+
+def _screen(run: SearchRun, cand: Candidate, handle) -> str | None:
+    """Measure ``cand`` at each screening rung, cheapest first; the rung that stopped it, or ``None``
+    when it is promoted to the full protocol (see ``harness.searchers.promotion``)."""
+    objectives = [metric_name(o) for o in run.objectives]
+    number = run.searcher.trial_number(handle)
+    for rung, measurer in run.screens.items():
+        values = measurer.measure(cand, run.metrics)
+        run.searcher.annotate(handle, {rung_attr(rung): values})
+        if cand.key in run.anchor_keys:
+            continue
+        with run.store.exclusive(f"study:{run.study.study_name}"):
+            exhausted = pruned_count(run.study) >= (run.promotion.screen_budget or run.trials)
+            if not exhausted and not promote(
+                values, rung_pool(run.study, rung, exclude=number), objectives, run.promotion
+            ):
+                return rung
+    return None
+
+
 def run_one(run: SearchRun) -> bool:
-    """Ask, measure and tell one trial; ``False`` when the budget is used."""
+    """Ask, screen, measure and tell one trial; ``False`` when the budget is used."""
     with run.store.exclusive(f"study:{run.study.study_name}"):
         if used_trials(run.study) >= run.trials:
             return False
@@ -112,6 +146,11 @@ def run_one(run: SearchRun) -> bool:
     attrs = _trial_attrs(run, cand)
     try:
         with Heartbeat(run.storage, run.study.study_name, run.searcher.trial_number(handle)):
+            stopped_at = _screen(run, cand, handle) if run.screens else None
+            if stopped_at is not None:
+                number = run.searcher.prune(handle, {**attrs, "fidelity": stopped_at})
+                _link(run, cand, number)
+                return True
             values = run.measurer.measure(cand, run.metrics)
     except MeasurementFailed as e:
         number = run.searcher.tell(handle, None, error=str(e), attrs=attrs)
@@ -121,17 +160,11 @@ def run_one(run: SearchRun) -> bool:
         run.searcher.abandon(handle)
         raise
     attrs["metrics"] = values
+    attrs["fidelity"] = "full"
     number = run.searcher.tell(
         handle, [values[metric_name(o)] for o in run.objectives], run.constraints(values), attrs=attrs
     )
-    study_id = run.storage.get_study_id_from_name(run.study.study_name)
-    run.store.link_trial(
-        run.measurer.candidate_id(cand),
-        run.study.study_name,
-        run.searcher.name,
-        optuna_trial_id=run.storage.get_trial_id_from_study_id_trial_number(study_id, number),
-        trial_number=number,
-    )
+    _link(run, cand, number)
     return True
 
 
@@ -145,8 +178,15 @@ def run_search(run: SearchRun, shared: bool) -> None:
     )
     try:
         while run_one(run):
-            bar.update(1)
-            bar.set_postfix(measured=recorder.measured, cached=recorder.cache_hits)
+            bar.n = min(used_trials(run.study), run.trials)  # pruned screens do not use the budget
+            recorders = [recorder, *(m.recorder for m in run.screens.values())]
+            postfix = {
+                "measured": sum(r.measured for r in recorders),
+                "cached": sum(r.cache_hits for r in recorders),
+            }
+            if run.screens:
+                postfix["pruned"] = pruned_count(run.study)
+            bar.set_postfix(postfix)
     finally:
         bar.close()
 
@@ -187,10 +227,41 @@ def open_study(
         if new:
             for key, value in attrs.items():
                 study.set_user_attr(key, value)
+        else:
+            check_same_protocol(name, study.user_attrs, attrs)
         searcher = make_searcher(study)
         if new:
             searcher.start(anchors)
     return study, searcher
+
+
+# Attributes a resumed study must share with the run that created it (what its values mean), and the
+# settings that only say how workers cooperate.
+IDENTITY_ATTRS = ("objectives", "resolution", "settings", "promotion")
+COOPERATION_SETTINGS = ("claim_timeout_s",)
+
+
+def check_same_protocol(name: str, recorded: dict, attrs: dict) -> None:
+    """Refuse to resume study ``name`` under settings other than those it was created with: its values
+    would silently mix protocols. One line naming the first difference and the fix."""
+    for key in IDENTITY_ATTRS:
+        if key not in recorded or key not in attrs:
+            continue  # a study created before the attribute was recorded
+        old, new = recorded[key], attrs[key]
+        if isinstance(old, dict) and isinstance(new, dict):
+            for field_name in sorted(set(old) | set(new)):
+                if field_name in COOPERATION_SETTINGS or old.get(field_name) == new.get(field_name):
+                    continue
+                raise ValueError(
+                    f"study '{name}' was created with {key}.{field_name}={old.get(field_name)!r}, this run "
+                    f"has {new.get(field_name)!r}; rerun with the study's settings, or pass --study NEW "
+                    "for a new study"
+                )
+        elif old != new:
+            raise ValueError(
+                f"study '{name}' was created with {key}={old!r}, this run has {new!r}; rerun with the "
+                "study's settings, or pass --study NEW for a new study"
+            )
 
 
 def anchor_candidates(encoding, anchors: str) -> list[tuple[float, Candidate]]:
