@@ -207,3 +207,25 @@ def test_bad_input_one_line_no_traceback_store_untouched(tmp_path, argv, needle)
     assert "Traceback" not in proc.stderr and "secret" not in proc.stderr + proc.stdout
     assert needle in lines[0]
     assert _digest(db) == before
+
+
+@pytest.mark.slow
+def test_resume_under_other_settings_is_refused_in_one_line(tmp_path):
+    db = tmp_path / "h.db"
+
+    def run(study, steps="2", videos="4", check=True):
+        return search(
+            "--objective", "latency", "--trials", "1", "--storage", str(db), "--study", study,
+            "--real-videos", "16", "--fvd-videos", videos, "--steps", steps, "--threads", "1",
+            "--no-plot", check=check,
+        )  # fmt: skip
+
+    run("p")
+    before = _digest(db)
+    for changed, kw in (("steps", {"steps": "3"}), ("fvd_videos", {"videos": "5"})):
+        proc = run("p", check=False, **kw)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode != 0 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"settings.{changed}=" in lines[0] and "--study NEW" in lines[0], lines[0]
+    assert _digest(db) == before, "a refused resume wrote to the store"
+    run("p-steps3", steps="3")  # the same settings as a new study run
