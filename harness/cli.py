@@ -5,7 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-EXPECTED = (ValueError, FileNotFoundError, PermissionError, KeyError)
+
+class Stopped(RuntimeError):
+    """A run stopped for a reason the user can act on (the message says how); finished work is kept."""
+
+
+EXPECTED = (ValueError, FileNotFoundError, PermissionError, KeyError, Stopped)
 
 
 def run_cli(main: Callable[[], None]) -> None:

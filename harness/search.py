@@ -194,7 +194,7 @@ def main(argv=None) -> None:
         constraints=lambda values: [values[m] - lim for m, lim in limits.items() if lim is not None],
         screens=screens,
         promotion=promotion,
-        anchor_keys=frozenset(cand.key for _, cand in anchors),
+        anchors={cand.key: fraction for fraction, cand in anchors},
     )
     run_search(run, shared)
     results = study_results(url, name, measurer.device_name, extractor.name, limits)

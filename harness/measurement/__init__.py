@@ -6,7 +6,7 @@ from harness.measurement.cost import CostMetric, FlopCount, Latency, ParamCount
 from harness.measurement.generation import Generation
 from harness.measurement.measurer import Measurer, check_limits_reachable, cost_metrics
 from harness.measurement.quality import FrechetQuality, QualityMetric, heldout_prompts
-from harness.measurement.recorder import MeasurementFailed, Recorder, register_models
+from harness.measurement.recorder import MeasurementDeferred, MeasurementFailed, Recorder, register_models
 from harness.measurement.settings import MeasureSettings, add_measure_arguments, settings_from_args
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Generation",
     "Latency",
     "MeasureSettings",
+    "MeasurementDeferred",
     "MeasurementFailed",
     "Measurer",
     "ParamCount",

@@ -27,6 +27,11 @@ class MeasurementFailed(RuntimeError):
     """A candidate's measurement failed (recorded in the store as failed, with the error)."""
 
 
+class MeasurementDeferred(MeasurementFailed):
+    """The machine could not take a clean measurement now (e.g. it stayed busy through every retry of a
+    latency reading): nothing is wrong with the candidate, so nothing is recorded; measure it later."""
+
+
 class MetricGroup(ABC):
     """Figures measured together. Contract: ``metrics`` are names of ``harness.metric_names.METRICS``;
     ``protocol(cand)`` and ``device`` identify the values (same strings = same values, so they are cached
@@ -125,6 +130,9 @@ class Recorder:
             bad = [m for m in metrics if values.get(m) is None or not math.isfinite(values[m])]
             if bad:
                 raise MeasurementFailed(f"non-finite {', '.join(bad)}")
+        except MeasurementDeferred:
+            self.store.release_claim(cid, group, protocol, device, self.worker)
+            raise
         except Exception as e:  # recorded as failed with its error, then re-raised for the searcher
             for m in metrics:
                 self.store.record_failure(

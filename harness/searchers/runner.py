@@ -17,11 +17,14 @@ from optuna.trial import TrialState
 from tqdm import tqdm
 
 from harness.candidates import Candidate
-from harness.measurement import MeasurementFailed, Measurer
+from harness.cli import Stopped
+from harness.measurement import MeasurementDeferred, MeasurementFailed, Measurer
 from harness.metric_names import metric_name
 from harness.searchers import Searcher
 from harness.searchers.promotion import Promotion, promote, pruned_count, rung_attr, rung_pool
 from harness.store import Store
+
+MAX_DEFERRED_IN_A_ROW = 5
 
 
 def used_trials(study: optuna.Study) -> int:
@@ -93,7 +96,8 @@ class SearchRun:
     constraints: Callable[[dict], list[float]] = field(default=lambda values: [])  # <= 0 is feasible
     screens: dict[str, Measurer] = field(default_factory=dict)  # screening rungs, cheapest first
     promotion: Promotion | None = None
-    anchor_keys: frozenset[str] = frozenset()  # always promoted
+    anchors: dict[str, float] = field(default_factory=dict)  # candidate key -> fraction; always promoted
+    deferred_in_a_row: int = 0  # measurements put off because the machine was busy, since the last success
 
     @property
     def metrics(self) -> list[str]:
@@ -126,7 +130,7 @@ def _screen(run: SearchRun, cand: Candidate, handle) -> str | None:
     for rung, measurer in run.screens.items():
         values = measurer.measure(cand, run.metrics)
         run.searcher.annotate(handle, {rung_attr(rung): values})
-        if cand.key in run.anchor_keys:
+        if cand.key in run.anchors:
             continue
         with run.store.exclusive(f"study:{run.study.study_name}"):
             exhausted = pruned_count(run.study) >= (run.promotion.screen_budget or run.trials)
@@ -152,6 +156,19 @@ def run_one(run: SearchRun) -> bool:
                 _link(run, cand, number)
                 return True
             values = run.measurer.measure(cand, run.metrics)
+    except MeasurementDeferred as e:
+        # Not the candidate's fault: give the trial back and measure the candidate again later.
+        run.searcher.abandon(handle)
+        anchor = {"anchor_fraction": run.anchors[cand.key]} if cand.key in run.anchors else {}
+        run.searcher.requeue(cand, anchor)
+        run.deferred_in_a_row += 1
+        if run.deferred_in_a_row > MAX_DEFERRED_IN_A_ROW:
+            raise Stopped(
+                f"{run.deferred_in_a_row} measurements in a row were put off ({e}); the machine stays too "
+                "busy to time latency: rerun the same command when it is quieter (finished trials are kept)"
+            ) from None
+        tqdm.write(f"candidate put off ({e}); it is queued again")
+        return True
     except MeasurementFailed as e:
         number = run.searcher.tell(handle, None, error=str(e), attrs=attrs)
         tqdm.write(f"trial {number}: measurement failed ({e}); continuing")
@@ -159,6 +176,7 @@ def run_one(run: SearchRun) -> bool:
     except KeyboardInterrupt:
         run.searcher.abandon(handle)
         raise
+    run.deferred_in_a_row = 0
     attrs["metrics"] = values
     attrs["fidelity"] = "full"
     number = run.searcher.tell(
