@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 
+from harness.analysis import format_estimate
+from harness.analysis.loading import FLOOR_METRICS
 from harness.candidates import Candidate
 from harness.cli import run_cli
 from harness.measurement import Measurer, add_measure_arguments, settings_from_args
 from harness.measurement.predictors import load_predictors
-from harness.metric_names import QUALITY_METRICS, parse_metric_list
+from harness.metric_names import COUNT_METRICS, QUALITY_METRICS, parse_metric_list
 from harness.models import add_model_arguments, load_bundle
 from harness.paths import DEFAULT_STORAGE
 from harness.store import Store, redact_url, validate_storage_url
@@ -46,11 +48,20 @@ def _config(path: str, net: Supernet) -> SubnetConfig:
     return net.space.validate(SubnetConfig.from_json(Path(path).read_text()))
 
 
-def print_values(metrics: list[str], values: dict[str, float]) -> None:
-    print(f"{'metric':<16} {'value':>14} {'std':>10}")
+def print_values(metrics: list[str], values: dict[str, float], floor: dict | None = None) -> None:
+    """One line per metric: ``value ± standard error`` (``± n/a`` when a noisy figure has none, the
+    value alone for an exact count) and, for FVD/KVD, the protocol's floor (``floor`` of the FVD
+    measurement's extra: held-out real videos scored in place of generated ones)."""
+    print(f"{'metric':<16} {'value ± SE':>22} {'floor ± SE':>18}")
     for name in metrics:
-        std = values.get(f"{name}_std")
-        print(f"{name:<16} {values.get(name, float('nan')):>14.6g} {'' if std is None else f'{std:.4g}':>10}")
+        shown = format_estimate(values.get(name), values.get(f"{name}_std"))
+        if name in COUNT_METRICS:
+            shown = f"{values.get(name, float('nan')):.6g}"
+        base = (floor or {}).get(name)
+        floor_cell = "" if base is None else format_estimate(base, (floor or {}).get(f"{name}_se"))
+        if floor is not None and name in FLOOR_METRICS and base is None:
+            floor_cell = "n/a"
+        print(f"{name:<16} {shown:>22} {floor_cell:>18}")
 
 
 def print_quality_details(extra: dict) -> None:
@@ -97,13 +108,15 @@ def main(argv=None) -> None:
         f"{cand.describe(net, ssr.supernet if ssr else None)}  (key {cand.key[:12]}, recorded in "
         f"{redact_url(url)})"
     )
-    print_values(metrics, values)
+    extra = {}
     if quality:
         row = store.find_measurement(
             measurer.candidate_id(cand), "fvd", measurer.quality.protocol(cand), measurer.quality.device
         )
-        extra = json.loads(row.extra) if isinstance(row.extra, str) else row.extra
-        print_quality_details(extra or {})
+        extra = (json.loads(row.extra) if isinstance(row.extra, str) else row.extra) or {}
+    print_values(metrics, values, extra.get("floor", {}) if quality else None)
+    if quality:
+        print_quality_details(extra)
         print(f"FVD/KVD extractor: {extractor.name}; latency per generated video on {measurer.device_name}")
 
 

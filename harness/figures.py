@@ -13,13 +13,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from harness import analysis
 from harness.analysis import Minimize, Objectives
-from harness.metric_names import METRICS
+from harness.analysis.uncertainty import standard_errors
+from harness.metric_names import COUNT_METRICS, METRICS
 
 DEFAULT_OBJECTIVES = ("latency_ms", "fvd")
 LABELS = {name: metric.axis for name, metric in METRICS.items()}
@@ -48,22 +50,56 @@ def _use_log(values: pd.Series) -> bool:
     return len(values) > 1 and values.min() > 0 and values.max() / values.min() > 20
 
 
+def _bars(rows: pd.DataFrame, objective: str, z: float) -> np.ndarray | None:
+    """Half-lengths ``z * SE`` of the rows' error bars in ``objective`` (``None`` for an exact count;
+    a missing SE draws no bar)."""
+    se = standard_errors(rows, [objective])[:, 0]
+    return None if objective in COUNT_METRICS else z * se
+
+
 def _draw_front(
-    ax: Axes, rows: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str], flags: list[bool]
+    ax: Axes, rows: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str], flags: list[bool], z: float
 ) -> None:
-    """All ``rows`` faint, ``front`` highlighted and joined by its attainment staircase."""
+    """All ``rows`` faint, ``front`` highlighted and joined by its attainment staircase, every point with
+    its ``± z SE`` error bars in both axes; statistically tied front points hollow."""
     x, y = objectives
-    ax.scatter(rows[x], rows[y], s=14, color="0.6", alpha=0.35, label=f"candidates ({len(rows)})")
-    # Staircase of the region the front dominates: "post" when the x objective is minimised.
-    front = front.sort_values(x)
-    ax.step(front[x], front[y], where="post" if flags[0] else "pre", color="C0", linewidth=1.2)
-    ax.scatter(front[x], front[y], s=28, color="C0", zorder=3, label=f"Pareto front ({len(front)})")
+    ax.errorbar(rows[x], rows[y], xerr=_bars(rows, x, z), yerr=_bars(rows, y, z), fmt="o", ms=3.5,
+                color="0.6", alpha=0.35, elinewidth=0.6, label=f"candidates ({len(rows)})")  # fmt: skip
+    tied = front["tied"].to_numpy(bool) if "tied" in front else np.zeros(len(front), bool)
+    strict = front[~tied].sort_values(x)
+    # Staircase of the region the strict front dominates: "post" when the x objective is minimised.
+    ax.step(strict[x], strict[y], where="post" if flags[0] else "pre", color="C0", linewidth=1.2)
+    ax.errorbar(strict[x], strict[y], xerr=_bars(strict, x, z), yerr=_bars(strict, y, z), fmt="o", ms=5,
+                color="C0", elinewidth=1.0, capsize=2, zorder=3,
+                label=f"Pareto front ({len(strict)}); bars ±{z:g} SE")  # fmt: skip
+    if tied.any():
+        others = front[tied]
+        ax.errorbar(others[x], others[y], xerr=_bars(others, x, z), yerr=_bars(others, y, z), fmt="o",
+                    ms=5, mfc="none", color="C0", elinewidth=0.8, capsize=2, zorder=3,
+                    label=f"statistically tied ({len(others)})")  # fmt: skip
+    _draw_floors(ax, rows, objectives)
     for column, setter in ((x, ax.set_xscale), (y, ax.set_yscale)):
         if _use_log(rows[column]):
             setter("log")
     ax.set_xlabel(_label(x))
     ax.set_ylabel(_label(y))
     ax.grid(alpha=0.3)
+
+
+def _draw_floors(ax: Axes, rows: pd.DataFrame, objectives: Sequence[str]) -> None:
+    """The protocol's floor (real videos scored as generated) of a quality axis, as a line and band."""
+    for axis, objective in zip(("x", "y"), objectives):
+        column = f"{objective}_floor"
+        if column not in rows or rows[column].dropna().empty:
+            continue
+        floor = float(rows[column].dropna().iloc[0])
+        se = rows[f"{objective}_floor_se"].dropna()
+        se = float(se.iloc[0]) if len(se) else 0.0
+        line, band = (ax.axhline, ax.axhspan) if axis == "y" else (ax.axvline, ax.axvspan)
+        label = f"{_label(objective)} floor {analysis.format_estimate(floor, se or None, objective)}"
+        line(floor, color="C2", linestyle="--", linewidth=1.0, label=label)
+        if se > 0:
+            band(floor - 1.96 * se, floor + 1.96 * se, color="C2", alpha=0.12)
 
 
 def _mark_subnets(ax: Axes, subnets: pd.DataFrame, objectives: Sequence[str]) -> None:
@@ -81,14 +117,21 @@ def plot_front(
     path: str | Path | None = None,
     title: str | None = None,
     minimize: Minimize = None,  # None: analysis.MINIMIZE's direction per objective
+    noise_z: float | None = analysis.DEFAULT_Z,
 ) -> Figure:
     """One panel per resolution: every candidate faint, its Pareto front highlighted and connected, and
-    the candidates nearest 40/60/80/100 % of the supernet's parameters (over all resolutions) marked."""
+    the candidates nearest 40/60/80/100 % of the supernet's parameters (over all resolutions) marked.
+
+    Every point carries error bars of ``± noise_z`` standard errors in both axes (none for an exact
+    count); the front is the noise-aware one (``analysis.pareto_front(..., noise_z=...)``: paired SEs
+    where ``df`` carries ``analysis.load_bootstrap``'s columns), its statistically tied points hollow;
+    ``noise_z=None`` draws the strict front with 95 % (±1.96 SE) bars. A quality axis shows its floor."""
     objectives = analysis.resolve_objectives(objectives)
     if len(objectives) != 2:
         raise ValueError(f"a front plot draws two objectives, got {len(objectives)}")
     flags = analysis.minimize_flags(objectives, minimize)
-    fronts = analysis.fronts_by_resolution(df, objectives, flags)
+    fronts = analysis.fronts_by_resolution(df, objectives, flags, noise_z)
+    z = analysis.DEFAULT_Z if noise_z is None else float(noise_z)
     if not fronts or all(front.empty for front in fronts.values()):
         raise ValueError(f"no candidate has both {objectives[0]} and {objectives[1]} measured")
     subnets = analysis.fraction_subnets(df)
@@ -98,7 +141,7 @@ def plot_front(
     axes = figure.subplots(rows_count, columns, squeeze=False).ravel()
     for ax, (resolution, front) in zip(axes, fronts.items()):
         rows = df[df["resolution"] == resolution].dropna(subset=list(objectives))
-        _draw_front(ax, rows, front, objectives, flags)
+        _draw_front(ax, rows, front, objectives, flags, z)
         _mark_subnets(ax, subnets[subnets["resolution"] == resolution], objectives)
         ax.set_title(f"{resolution}px")
         ax.legend(fontsize=8)
@@ -162,12 +205,14 @@ def plot_latency_vs_flops(
     return _save(figure, path)
 
 
-def write_plots(df: pd.DataFrame, objectives: Objectives, out: str | Path) -> list[Path]:
+def write_plots(
+    df: pd.DataFrame, objectives: Objectives, out: str | Path, noise_z: float | None = analysis.DEFAULT_Z
+) -> list[Path]:
     """Write the three plots into ``out``; returns the written paths (latency/FLOPs only when measured)."""
     objectives = analysis.resolve_objectives(objectives)
     out = Path(out)
     names = "_vs_".join(objectives)
-    jobs = [(out / f"front_{names}.png", lambda p: plot_front(df, objectives, p)),
+    jobs = [(out / f"front_{names}.png", lambda p: plot_front(df, objectives, p, noise_z=noise_z)),
             (out / f"hypervolume_{names}.png", lambda p: plot_hypervolume(df, objectives, p))]  # fmt: skip
     if not df.dropna(subset=["flops", "latency_ms"]).empty:
         jobs.append((out / "latency_vs_flops.png", lambda p: plot_latency_vs_flops(df, p)))
@@ -179,8 +224,6 @@ def write_plots(df: pd.DataFrame, objectives: Objectives, out: str | Path) -> li
 def plot_training_logs(logs: Sequence[str | Path], path: str | Path) -> Path:
     """Training loss against step for one or more ``log.jsonl`` files (raw, and a 50-point running mean)."""
     import json
-
-    import numpy as np
 
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()

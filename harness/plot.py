@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="device of the measurements (needed when the store holds several)")
     parser.add_argument("--extractor", help="FVD feature extractor (needed when the store holds several)")
     parser.add_argument("--out", default="results/plots", help="output directory (default: results/plots)")
+    parser.add_argument(
+        "--noise-z",
+        type=float,
+        default=analysis.DEFAULT_Z,
+        help="standard errors a difference must exceed to dominate on the front, and the error bars' "
+        f"half-length (default {analysis.DEFAULT_Z})",
+    )
     return parser
 
 
@@ -52,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ValueError(f"give exactly two --objective options, got {len(objectives)}")
     results = analysis.load_results(args.storage, args.study)
     results = analysis.select(results, device=args.device, extractor=args.extractor)
-    for path in write_plots(results, objectives, args.out):
+    results = analysis.load_bootstrap(args.storage, results)  # paired SEs where replicates are shared
+    for path in write_plots(results, objectives, args.out, args.noise_z):
         print(path)
 
 

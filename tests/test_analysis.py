@@ -34,6 +34,7 @@ TPE_FRACTIONS = (0.41, 0.3, 0.55, 0.62, 0.7, 0.33, 0.79, 0.9, 0.47, 1.0, 0.66, 0
 EXPECTED_TABLE1 = {"SNED-S": ("sned-tpe", 0.41), "SNED-M": ("sned-tpe", 0.62),
                    "SNED-L": ("sned-tpe", 0.79), "SNED-B": ("sned-tpe", 1.0)}  # fmt: skip
 FAILED_TRIAL = ("sned-tpe", 5)  # its quality measurement failed
+QUALITY = ("fvd", "kvd", "text_alignment")
 
 
 def _candidate_values(fraction: float, resolution: int, rng: np.random.Generator) -> dict[str, float]:
@@ -45,8 +46,12 @@ def _candidate_values(fraction: float, resolution: int, rng: np.random.Generator
             "kvd_std": rng.uniform(0.1, 0.5), "text_alignment": 0.2 + 0.1 * fraction}  # fmt: skip
 
 
-def _record(store: Store, candidate_id: int, values: dict[str, float], resolution: int, failed: bool) -> None:
+def _record(
+    store: Store, candidate_id: int, values: dict[str, float], resolution: int, failed: bool, offset: int = 0
+) -> None:
+    """``offset`` > 0: a re-measurement with fresh noise (``harness.analysis reproduce``'s protocols)."""
     gen = f"ddim10:cfg:{resolution}px:12f"
+    rerun, seed = (f":rerun{offset}" if offset else ""), offset
     store.record_measurement(
         candidate_id, "params", values["params"], protocol="exact", device="any", unit="count"
     )
@@ -54,10 +59,10 @@ def _record(store: Store, candidate_id: int, values: dict[str, float], resolutio
     store.record_measurement(
         candidate_id, "flops", flops, protocol=f"fvcore:gen:{gen}", device="any", unit="FLOP"
     )
-    store.record_measurement(candidate_id, "latency_ms", latency, protocol=f"gen:{gen}:b1:threads2",
-                             device=DEVICE, unit="ms", seed=0)  # fmt: skip
-    quality = {"protocol": f"fvd32_12f_{resolution}px@{EXTRACTOR}:ddim10:g3:seed0", "device": DEVICE,
-               "extractor": EXTRACTOR, "seed": 0}  # fmt: skip
+    store.record_measurement(candidate_id, "latency_ms", latency, std=latency * 0.01, unit="ms", seed=0,
+                             protocol=f"gen:{gen}:b1:threads2{rerun}", device=DEVICE)  # fmt: skip
+    quality = {"protocol": f"fvd32_12f_{resolution}px@{EXTRACTOR}:ddim10:g3:seed{seed}", "device": DEVICE,
+               "extractor": EXTRACTOR, "seed": seed}  # fmt: skip
     for metric in ("fvd", "kvd", "text_alignment"):
         if failed:
             store.record_failure(candidate_id, metric, "RuntimeError: out of memory", **quality)
@@ -98,6 +103,34 @@ def _build_store(url: str) -> None:
                                         directions=["minimize", "minimize"])  # fmt: skip
             for fraction in TPE_FRACTIONS if searcher == "tpe" else evolution_fractions:
                 _add_trial(store, study, supernet.id, searcher, fraction, rng)
+    _add_reproduction(url, "sned-tpe", rng)
+
+
+def _add_reproduction(url: str, name: str, rng: np.random.Generator) -> None:
+    """A re-measurement of the study's noise-aware front and 4 neighbours with fresh noise, recorded as
+    ``python -m harness.analysis reproduce`` records one (the rows under their own protocols, the plan)."""
+    rows = analysis.load_results(url, name).dropna(subset=["fvd"])
+    front = list(analysis.pareto_front(rows, ("latency_ms", "fvd"), noise_z=1.96)["candidate_key"])
+    chosen = front + analysis.nearest_neighbours(rows, front, ("latency_ms", "fvd"), 4)
+    with Store.open(url) as store:
+        for key in chosen:
+            row = rows[rows["candidate_key"] == key].iloc[0]
+            values = {"params": row["params"], "flops": row["flops"],
+                      "latency_ms": row["latency_ms"] * rng.normal(1, 0.01),
+                      "fvd": row["fvd"] + rng.normal(0, row["fvd_std"]), "fvd_std": row["fvd_std"],
+                      "kvd": row["kvd"] + rng.normal(0, row["kvd_std"]), "kvd_std": row["kvd_std"],
+                      "text_alignment": row["text_alignment"]}  # fmt: skip
+            _record(store, int(row["candidate_id"]), values, int(row["resolution"]), False, offset=1)
+    every = analysis.load_results(url, name, fidelity=None)
+    protocols = {side: {m: sorted(every.loc[every[f"{m}_protocol"].str.contains(f"{mark}$", regex=True)
+                                            & every["candidate_key"].isin(chosen), f"{m}_protocol"].unique())
+                        for m, mark in marks.items()}
+                 for side, marks in (("stored", {"latency_ms": "threads2", **dict.fromkeys(QUALITY, "seed0")}),
+                                     ("new", {"latency_ms": "rerun1", **dict.fromkeys(QUALITY, "seed1")}))}  # fmt: skip
+    plan = {"objectives": ["latency_ms", "fvd"], "device": DEVICE, "noise_z": 1.96, "front": front,
+            "candidates": chosen, **protocols}  # fmt: skip
+    study = optuna.load_study(study_name=name, storage=optuna_storage(url))
+    study.set_user_attr("reproduce-1", plan)
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +315,7 @@ def test_latency_flops_correlation(results: pd.DataFrame) -> None:
 def test_table1_picks_the_candidates_nearest_each_fraction(results: pd.DataFrame) -> None:
     table = analysis.table1(results)
     assert list(table.columns) == ["Model", "target", "param fraction", "key", "resolution", "#Params",
-                                   "FLOPs", "Latency (ms)", "FVD", "KVD"]  # fmt: skip
+                                   "FLOPs", "Latency (ms)", "FVD", "KVD", "FVD floor", "KVD floor"]  # fmt: skip
     assert list(table["Model"]) == ["SNED-S", "SNED-M", "SNED-L", "SNED-B"]
     for _, row in table.iterrows():
         study, fraction = EXPECTED_TABLE1[row["Model"]]
@@ -370,7 +403,8 @@ def test_notebook_executes_against_the_fixture_store(store_url: str, monkeypatch
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3
     text = "".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in outputs)
-    assert "SNED-B" in text and "spearman" in text.lower()
+    assert "SNED-B" in text and "spearman" in text.lower() and "statistically tied" in text
+    assert "stored front points still on the re-measured front" in text and "re-measured" in text
 
 
 def test_plot_cli_draws_training_loss_curves(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from harness.searchers.promotion import Promotion, clearly_dominates, parse_rungs, promote
+from harness.searchers.promotion import Promotion, parse_rungs, promote
 from harness.store import Store, optuna_storage
 
 OBJ = ["latency_ms", "fvd"]
@@ -19,13 +19,12 @@ def point(latency, fvd, se_latency=0.0, se_fvd=0.0):
 
 
 def test_clear_dominance_needs_a_margin_beyond_the_noise():
-    a, b = np.array([1.0, 10.0]), np.array([1.2, 10.0])
-    assert clearly_dominates(a, np.zeros(2), b, np.zeros(2), z=1.96)
-    se = np.array([0.1, 0.0])  # difference 0.2 < 1.96 * sqrt(0.1^2 + 0.1^2) = 0.277
-    assert not clearly_dominates(a, se, b, se, z=1.96)
-    assert clearly_dominates(a, se, b, se, z=1.0)  # 0.2 > 0.141
-    worse_somewhere = np.array([0.5, 10.01])
-    assert not clearly_dominates(worse_somewhere, np.zeros(2), b, np.zeros(2), z=0.0)
+    b = point(1.2, 10.0, 0.1)
+    assert not promote(b, [point(1.0, 10.0)], OBJ, Promotion(z=1.96))  # exact: 0.2 is clear
+    # 0.2 < 1.96 * sqrt(0.1^2 + 0.1^2) = 0.277, but > 1.0 * 0.141
+    assert promote(b, [point(1.0, 10.0, 0.1)], OBJ, Promotion(z=1.96))
+    assert not promote(b, [point(1.0, 10.0, 0.1)], OBJ, Promotion(z=1.0))
+    assert promote(b, [point(0.5, 10.01)], OBJ, Promotion(z=0.0))  # worse in one objective: no dominance
 
 
 def test_nondominated_rule_prunes_only_clearly_dominated_screens():
@@ -146,7 +145,7 @@ def test_two_postgres_workers_share_the_screening_pool(postgres_url):
     for t in pruned:
         v = np.array([screens[t.number][m] for m in OBJ])
         others = [np.array([s[m] for m in OBJ]) for n, s in screens.items() if n != t.number]
-        assert any(clearly_dominates(o, np.zeros(2), v, np.zeros(2), z=0.0) for o in others), t.number
+        assert any(np.all(o <= v) and np.any(o < v) for o in others), t.number
     full_fvd = study.user_attrs["fidelity_protocols"]["full"]["fvd"]
     frame = Store(postgres_url).measurements_frame()
     full = frame[(frame.metric == "fvd") & (frame.protocol == full_fvd) & (frame.status == "ok")]

@@ -9,8 +9,8 @@ at once against every result of the rung so far, this worker's and other workers
 are user attrs of the study's trials, so workers sharing a PostgreSQL study share the pool).
 
 Rules (``Promotion.rule``), with ``clearly dominates`` the noise-aware dominance of
-:func:`clearly_dominates` (no worse in every objective, better in one by more than ``z`` standard errors
-of the difference):
+``harness.analysis.uncertainty`` (no worse in every objective, better in one by more than ``z`` standard
+errors of the difference), on the screen values and their standard errors:
 
 ``nondominated`` (default)
     promote unless some screened candidate clearly dominates this one.
@@ -33,6 +33,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from harness.analysis.uncertainty import dominance_matrix
 from harness.measurement.settings import MeasureSettings
 
 RULES = ("nondominated", "top-fraction")
@@ -94,21 +95,13 @@ def parse_rungs(text: str, fvd_videos: int) -> tuple[int, ...]:
         ) from None
 
 
-def clearly_dominates(a: np.ndarray, se_a: np.ndarray, b: np.ndarray, se_b: np.ndarray, z: float) -> bool:
-    """Whether point ``a`` dominates ``b`` beyond noise (all objectives minimised): no worse in every
-    objective, and better in at least one by more than ``z`` standard errors of the difference
-    ``sqrt(se_a^2 + se_b^2)``."""
-    if np.any(a > b):
-        return False
-    margin = z * np.sqrt(se_a**2 + se_b**2)
-    return bool(np.any(b - a > margin))
-
-
-def screen_point(values: dict, metrics: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(values, standard errors)`` of ``metrics`` from a measurement's values (SE 0 where none)."""
-    v = np.array([float(values[m]) for m in metrics])
-    se = np.array([float(values.get(f"{m}_std") or 0.0) for m in metrics])
-    return v, se
+def screen_points(points: Sequence[dict], metrics: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(values (N, M), per metric the (N, N) SE of each difference)`` of measurement values (SE 0
+    where none is given)."""
+    values = np.array([[float(p[m]) for m in metrics] for p in points]).reshape(len(points), len(metrics))
+    se = np.array([[float(p.get(f"{m}_std") or 0.0) for m in metrics] for p in points])
+    se = se.reshape(len(points), len(metrics))
+    return values, [np.sqrt(se[:, None, j] ** 2 + se[None, :, j] ** 2) for j in range(len(metrics))]
 
 
 def rung_pool(study: optuna.Study, rung: str, exclude: int | None = None) -> list[dict]:
@@ -126,12 +119,10 @@ def pruned_count(study: optuna.Study) -> int:
 
 
 def promote(values: dict, pool: Sequence[dict], metrics: Sequence[str], promotion: Promotion) -> bool:
-    """Whether a candidate with screen ``values`` goes on, given the rung's other results ``pool``."""
-    v, se = screen_point(values, metrics)
-    dominating = 0
-    for other in pool:
-        ov, ose = screen_point(other, metrics)
-        dominating += clearly_dominates(ov, ose, v, se, promotion.z)
+    """Whether a candidate with screen ``values`` goes on, given the rung's other results ``pool``
+    (all ``metrics`` minimised; noise-aware dominance of ``harness.analysis.uncertainty``)."""
+    points, se_diff = screen_points([values, *pool], metrics)
+    dominating = int(dominance_matrix(points, se_diff, [True] * len(metrics), promotion.z)[:, 0].sum())
     if promotion.rule == "nondominated":
         return dominating == 0
     return dominating <= (len(pool) + 1) / promotion.eta - 1
