@@ -231,7 +231,7 @@ def load_chain(
     base = load_bundle(base_path)
     net = base.supernet
     base_res = net.space.default_resolution
-    resolution = resolution or base_res
+    resolution = base_res if resolution is None else resolution  # 0 is bad input, not the default
     if resolution == base_res:
         return base, None, resolution
     factor = resolution // base_res

@@ -63,7 +63,7 @@ Minimize = bool | Sequence[bool] | None
 
 def study_attributes(url: str, studies: Iterable[str]) -> dict[str, dict[str, Any]]:
     """User attributes of the named Optuna studies in the store (``{}`` for a study not there)."""
-    with Store(url) as store:
+    with Store.open_existing(url) as store:
         return _study_info(store, studies)[1]
 
 
@@ -146,7 +146,7 @@ def load_results(
     ``ValueError`` for a bad URL, a missing or empty store and an unknown study; messages never show the
     URL's password.
     """
-    with Store(url) as store:
+    with Store.open_existing(url) as store:
         frame = store.measurements_frame()
         if frame.empty:
             raise ValueError(f"store {store.redacted_url} holds no measurements")
@@ -185,7 +185,7 @@ def load_bootstrap(url: str, df: pd.DataFrame, metrics: Sequence[str] = BOOTSTRA
     ids = {int(i) for m in metrics if f"{m}_measurement_id" in df for i in df[f"{m}_measurement_id"].dropna()}
     extras: dict[int, dict[str, Any]] = {}
     if ids:
-        with Store(url) as store, store.session() as session:
+        with Store.open_existing(url) as store, store.session() as session:
             for chunk in _chunks(sorted(ids), 500):
                 query = sql_select(MeasurementModel.id, MeasurementModel.protocol,
                                    MeasurementModel.extra).where(MeasurementModel.id.in_(chunk))  # fmt: skip

@@ -35,7 +35,7 @@ from harness.store import Store, optuna_storage
 
 def _study(url: str, name: str) -> tuple[Any, int, dict[str, Any], dict[str, str]]:
     """The Optuna storage, study id, user attributes and ``{candidate_key: candidate JSON}`` of ``name``."""
-    storage = optuna_storage(url)
+    storage = optuna_storage(url, create=False)  # a mistyped --storage fails, creating nothing
     try:
         study_id = storage.get_study_id_from_name(name)
     except KeyError:

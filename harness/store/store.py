@@ -46,10 +46,13 @@ from ._models import (
     utcnow,
 )
 from .urls import (
+    EXISTING_STORE_FIX,
     StoreError,
     create_store_engine,
     ensure_parent_directory,
     redact_url,
+    require_existing_database,
+    require_table,
     sqlite_path,
     validate_storage_url,
 )
@@ -99,11 +102,17 @@ class Store:
     contract.
     """
 
-    def __init__(self, url: str | os.PathLike[str], *, upgrade: bool = False) -> None:
+    def __init__(
+        self, url: str | os.PathLike[str], *, upgrade: bool = False, _fix: str | None = None
+    ) -> None:
+        # _fix: the remedy a missing store's message names (open_existing: the CLI's --storage).
         self._url = validate_storage_url(url)
         path = sqlite_path(self._url)
         if upgrade:
             ensure_parent_directory(self._url)
+        elif _fix is not None:  # read-only: look before the store's engine (it would switch SQLite to WAL)
+            require_existing_database(self._url)
+            require_table(self._url, _migrations.VERSION_TABLE, "no store tables")
         elif path is not None and not path.exists():
             raise StoreError(f"no store at {path}; create it with Store.open(url)")
         self._engine = create_store_engine(self._url)
@@ -111,11 +120,12 @@ class Store:
         try:
             if upgrade:
                 _migrations.upgrade(self._engine)
-            self._check_version()
+            self._check_version(_fix)
         except DBAPIError as error:
             self._engine.dispose()
             reason = (str(error.orig).strip() or type(error.orig).__name__).splitlines()[0]
-            raise StoreError(f"cannot open store {self.redacted_url}: {reason}") from error
+            tail = f"; {_fix}" if _fix else ""
+            raise StoreError(f"cannot open store {self.redacted_url}: {reason}{tail}") from error
         except BaseException:
             self._engine.dispose()
             raise
@@ -124,6 +134,16 @@ class Store:
     def open(cls, url: str | os.PathLike[str]) -> Store:
         """Open the store at ``url``, creating its tables or applying missing migrations first."""
         return cls(url, upgrade=True)
+
+    @classmethod
+    def open_existing(cls, url: str | os.PathLike[str]) -> Store:
+        """Open the store at ``url`` for a read-only command (plot, export, analysis), creating nothing.
+
+        A missing SQLite file, a database without the harness's tables or one that is not a database
+        raises a one-line :class:`StoreError` naming the (redacted) URL and the fix (check ``--storage``),
+        so that a mistyped ``--storage`` fails instead of leaving an empty database behind.
+        """
+        return cls(url, _fix=EXISTING_STORE_FIX)
 
     # Lifecycle.
 
@@ -158,11 +178,13 @@ class Store:
         with self._engine.connect() as connection:
             return _migrations.current_version(connection)
 
-    def _check_version(self) -> None:
+    def _check_version(self, fix: str | None = None) -> None:
         version = self.schema_version()
         _migrations.check_not_newer(version)
         if version == 0:
-            raise StoreError(f"no store tables at {self.redacted_url}; create them with Store.open(url)")
+            raise StoreError(
+                f"no store tables at {self.redacted_url}; {fix or 'create them with Store.open(url)'}"
+            )
         if version < _migrations.SCHEMA_VERSION:
             raise StoreError(
                 f"store schema version {version} is older than this code's ({_migrations.SCHEMA_VERSION}); "

@@ -5,25 +5,27 @@ Accepted forms (anything else raises :class:`StoreError`):
     * ``sqlite:///relative.db`` or ``sqlite:////abs/path.db`` -> ``sqlite:////abs/path``;
     * ``postgresql://user:password@host[:port]/db``, ``postgres://...`` or ``postgresql+psycopg2://...``
       -> ``postgresql+psycopg2://...`` (the driver made explicit: SQLAlchemy 2.1 maps a bare
-      ``postgresql://`` to psycopg 3, while this project ships psycopg2). Give the normalised URL to
-      ``optuna-dashboard`` too.
+      ``postgresql://`` to psycopg 3, while this project has always run bare URLs on psycopg2, so a
+      bare URL keeps meaning what it meant). Give the normalised URL to ``optuna-dashboard`` too;
+    * ``postgresql+psycopg://...`` (psycopg 3, the driver SQLAlchemy 2 documents first) -> unchanged.
 
 Never print, log or store a URL without :func:`redact_url`. All functions here are pure apart from the
 filesystem checks of :func:`validate_storage_url` (which create nothing) and the parent directory that
-:func:`ensure_parent_directory` and :func:`optuna_storage` create; they are safe to call from any thread
+:func:`ensure_parent_directory` and :func:`optuna_storage` (unless ``create=False``) create; they are safe to call from any thread
 or process. An engine (``create_store_engine``, ``optuna_storage``) belongs to the process that made it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,11 +33,20 @@ if TYPE_CHECKING:
     import optuna
 
 ACCEPTED_FORMS = (
-    "a file path, sqlite:///path.db, postgresql://user:pass@host[:port]/db "
-    "or postgresql+psycopg2://user:pass@host[:port]/db"
+    "a file path, sqlite:///path.db, postgresql://user:pass@host[:port]/db, "
+    "postgresql+psycopg2://... or postgresql+psycopg://... (psycopg 3)"
 )
 _SQLITE_DRIVERS = ("sqlite", "sqlite+pysqlite")
-_POSTGRES_DRIVERS = ("postgresql", "postgresql+psycopg2")
+_POSTGRES_DRIVERS = ("postgresql", "postgresql+psycopg2", "postgresql+psycopg")
+_DEFAULT_POSTGRES_DRIVER = "postgresql+psycopg2"  # what a bare postgresql:// URL runs on
+# Python module each PostgreSQL driver needs, and how to get it (checked before any engine is made, so a
+# missing driver is one line, not SQLAlchemy's traceback).
+_DRIVER_MODULES = {
+    "postgresql+psycopg2": ("psycopg2", "pip install psycopg2-binary"),
+    "postgresql+psycopg": ("psycopg", "pip install 'psycopg[binary]'"),
+}
+# The fix named when a read-only command is given a store that is not there (a mistyped --storage).
+EXISTING_STORE_FIX = "check --storage: it must name a store that python -m harness.search or evaluate wrote"
 SQLITE_TIMEOUT_S = 30.0  # seconds a SQLite connection waits for a lock before "database is locked"
 
 
@@ -99,8 +110,11 @@ def _normalise_sqlite(raw: str, parsed: URL) -> str:
 def _normalise_postgres(raw: str, parsed: URL) -> str:
     if not parsed.database:
         raise _fail(raw, "no database name")
-    rest = raw.partition("://")[2]
-    return f"postgresql+psycopg2://{rest}"
+    driver = _DEFAULT_POSTGRES_DRIVER if parsed.drivername == "postgresql" else parsed.drivername
+    module, install = _DRIVER_MODULES[driver]
+    if importlib.util.find_spec(module) is None:
+        raise _fail(raw, f"driver {driver} needs the Python module {module!r}, not installed ({install})")
+    return f"{driver}://{raw.partition('://')[2]}"
 
 
 def validate_storage_url(url: str | os.PathLike[str]) -> str:
@@ -108,7 +122,8 @@ def validate_storage_url(url: str | os.PathLike[str]) -> str:
 
     SQLite URLs come back as ``sqlite:////absolute/path`` after checking that the file, or the nearest
     existing ancestor directory, is writable; nothing is created, so a bad path leaves nothing behind.
-    PostgreSQL URLs are checked for form only (no connection is made) and name the psycopg2 driver.
+    PostgreSQL URLs are checked for form only (no connection is made) and name their driver: psycopg 3
+    when asked for (``postgresql+psycopg://``), psycopg2 otherwise.
     """
     raw = os.fspath(url).strip() if isinstance(url, os.PathLike) else str(url).strip()
     if not raw:
@@ -136,6 +151,34 @@ def sqlite_path(url: str) -> Path | None:
     if parsed.drivername not in _SQLITE_DRIVERS or not parsed.database:
         return None
     return Path(parsed.database)
+
+
+def require_existing_database(url: str) -> None:
+    """Raise a one-line :class:`StoreError` unless the SQLite file of a validated URL exists.
+
+    For read-only commands, so that a mistyped ``--storage`` fails instead of creating an empty database.
+    PostgreSQL URLs pass (a server database is never created by connecting; the tables are checked later).
+    """
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise StoreError(f"no store at {redact_url(url)}: {path} does not exist; {EXISTING_STORE_FIX}")
+
+
+def require_table(url: str, table: str, missing: str) -> None:
+    """Raise a one-line :class:`StoreError` (``missing`` + the redacted URL + the fix) unless the
+    database of a validated ``url`` holds ``table``, or when it cannot be read at all. Writes nothing."""
+    # A plain engine: the store's engine would switch a foreign SQLite file to WAL just to look at it.
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            present = inspect(connection).has_table(table)
+    except DBAPIError as error:
+        reason = (str(error.orig).strip() or type(error.orig).__name__).splitlines()[0]
+        raise StoreError(f"cannot open store {redact_url(url)}: {reason}; {EXISTING_STORE_FIX}") from None
+    finally:
+        engine.dispose()
+    if not present:
+        raise StoreError(f"{missing} in {redact_url(url)}; {EXISTING_STORE_FIX}")
 
 
 def ensure_parent_directory(url: str) -> None:
@@ -176,19 +219,26 @@ def optuna_storage(
     grace_period: int | None = None,  # seconds without heartbeat before a trial is stale; None: Optuna's
     heartbeat_stale_trial_callback: Callable[[optuna.study.Study, optuna.trial.FrozenTrial], None]
     | None = None,
+    create: bool = True,  # False (read-only commands): refuse a missing database or one without Optuna's tables
 ) -> optuna.storages.RDBStorage:
     """Optuna ``RDBStorage`` on the same database as ``Store(url)`` (Optuna's tables beside ``sned_``'s).
 
     SQLite connections wait ``SQLITE_TIMEOUT_S`` for locks; PostgreSQL connections are pre-pinged. Pass
     ``heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(...)`` with a
     heartbeat to retry trials of killed workers. Use PostgreSQL, never SQLite, for parallel workers.
+    With ``create=False`` nothing is created: a missing SQLite file, or a database without Optuna's
+    tables, raises a one-line :class:`StoreError` naming the (redacted) URL and the fix.
     """
     import optuna
 
     normalised = validate_storage_url(url)
+    if not create:
+        require_existing_database(normalised)
+        require_table(normalised, "studies", "no Optuna studies")
     engine_kwargs: dict[str, Any]
     if sqlite_path(normalised) is not None:
-        ensure_parent_directory(normalised)
+        if create:
+            ensure_parent_directory(normalised)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
