@@ -16,9 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from optuna.trial import TrialState
 
 from harness.candidates import Candidate
-from harness.cli import run_cli
+from harness.cli import Stopped, run_cli
 from harness.measurement import (
     Generation,
     Measurer,
@@ -197,6 +198,11 @@ def main(argv=None) -> None:
         anchors={cand.key: fraction for fraction, cand in anchors},
     )
     run_search(run, shared)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise Stopped(
+            f"no trial of study '{name}' completed (see the messages above); nothing to report - fix the "
+            "cause and rerun the same command to resume"
+        )
     results = study_results(url, name, measurer.device_name, extractor.name, limits)
     report_front(results, url, name, objectives, plot=not args.no_plot)
 
