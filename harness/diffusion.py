@@ -119,12 +119,18 @@ def null_context(model: torch.nn.Module, batch: int) -> torch.Tensor | None:
     return None if null is None else null.expand(batch, -1, -1)
 
 
-def noise_augment(low_res: torch.Tensor, level: torch.Tensor, generator: torch.Generator | None = None):
+def noise_augment(
+    low_res: torch.Tensor,
+    level: torch.Tensor,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+):
     """Imagen-style conditioning augmentation: diffuse the low-res video to ``level`` in [0, 1] of the
-    schedule. ``low_res`` ``(B, 3, T, h, w)``, ``level`` ``(B,)``."""
+    schedule. ``low_res`` ``(B, 3, T, h, w)``, ``level`` ``(B,)``; ``noise`` (same shape as ``low_res``)
+    is drawn from ``generator`` when ``None``."""
     sched = EPS_COSINE.train_scheduler()
     t = (level * (NUM_TRAIN_TIMESTEPS - 1)).round().long()
-    noise = torch.randn(low_res.shape, generator=generator).to(low_res)
+    noise = (torch.randn(low_res.shape, generator=generator) if noise is None else noise).to(low_res)
     return sched.add_noise(low_res, noise, t)
 
 
@@ -140,6 +146,7 @@ def ddim_sample(
     progress: Callable | None = None,
     clip: bool = True,
     schedule: NoiseSchedule = EPS_COSINE,
+    noise: torch.Tensor | None = None,
     **conditioning,
 ) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance: ``out = out_null + g * (out_text - out_null)`` on the
@@ -147,10 +154,14 @@ def ddim_sample(
 
     ``shape`` ``(B, C, T, H, W)``; ``context``/``null`` ``(B, L, D)`` text tokens (``None`` when
     unconditional or ``guidance == 1``). Conditioning tensors are repeated for the doubled batch.
+    ``noise``: the initial sample ``shape`` (drawn from ``generator`` when ``None``), so a caller can
+    seed every video of a batch on its own; DDIM (eta 0) draws nothing after it.
     Returns the sample, clamped to [-1, 1] when ``clip`` (pixels; latents are returned as they are).
     """
     sched = schedule.sampling_scheduler(steps)
-    x = torch.randn(shape, generator=generator)
+    if noise is not None and tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"initial noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+    x = torch.randn(shape, generator=generator) if noise is None else noise
     device = next(iter(conditioning.values())).device if conditioning else None
     x = x.to(device) if device is not None else x
     guided = context is not None and null is not None and guidance != 1.0

@@ -10,7 +10,15 @@ import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 
 from harness.metrics import feature_stats, frechet_distance, frechet_distance_from_stats, kernel_distance
-from harness.metrics.frechet import KernelDistance
+from harness.metrics.frechet import (
+    KernelDistance,
+    bootstrap_indices,
+    frechet_distance_replicates,
+    jackknife_indices,
+    kernel_distance_replicates,
+    paired_bootstrap_se,
+    resampled_distances,
+)
 
 
 def _random_features(rng: np.random.Generator, n: int, dim: int, shift: float = 0.0) -> np.ndarray:
@@ -147,6 +155,60 @@ def test_kernel_distance_separates_distributions() -> None:
 def _features_pair(rng: np.random.Generator, dim: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
     """Two independent samples ``(400, dim)`` of N(0, I) and N(shift, I)."""
     return rng.standard_normal((400, dim)), rng.standard_normal((400, dim)) + shift
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bootstrap replicates.
+
+
+def test_bootstrap_indices_depend_only_on_n_replicates_and_seed() -> None:
+    first = bootstrap_indices(32, 50, 7)
+    assert first.shape == (50, 32) and first.min() >= 0 and first.max() < 32
+    np.testing.assert_array_equal(first, bootstrap_indices(32, 50, 7))
+    assert not np.array_equal(first, bootstrap_indices(32, 50, 8))
+    assert not np.array_equal(first[:, :16], bootstrap_indices(16, 50, 7))
+    with pytest.raises(ValueError, match="replicates >= 2"):
+        bootstrap_indices(32, 1, 0)
+
+
+@pytest.mark.parametrize(("n_fake", "dim"), [(12, 32), (40, 16)])  # fewer and more fake rows than D
+@pytest.mark.parametrize("resample", ["bootstrap", "jackknife"])
+def test_replicates_equal_the_distances_of_the_resamples(n_fake: int, dim: int, resample: str) -> None:
+    rng = np.random.default_rng(20)
+    real, fake = _random_features(rng, 90, dim), _random_features(rng, n_fake, dim, shift=0.3)
+    indices = bootstrap_indices(n_fake, 6, 1) if resample == "bootstrap" else jackknife_indices(n_fake)
+    fvd = frechet_distance_replicates(real, fake, indices)
+    kvd = kernel_distance_replicates(real, fake, indices)
+    for b, rows in enumerate(indices[:6]):
+        assert fvd[b] == pytest.approx(frechet_distance(real, fake[rows]), rel=1e-7)
+        assert kvd[b] == pytest.approx(_naive_mmd2(real, fake[rows]), rel=1e-9, abs=1e-12)
+    scored = resampled_distances(real, fake, resample, 6, 1)
+    assert scored["fvd"] == frechet_distance(real, fake) and scored["kvd"] == kernel_distance(real, fake)
+    if resample == "bootstrap":
+        np.testing.assert_array_equal(scored["fvd_boot"], fvd)
+    else:  # scaled pseudo-values: their std is the jackknife SE sqrt((n - 1) / n * sum (theta_(i) - mean)^2)
+        jackknife_se = np.sqrt((n_fake - 1) / n_fake * np.sum((kvd - kvd.mean()) ** 2))
+        assert np.std(scored["kvd_boot"], ddof=1) == pytest.approx(jackknife_se, rel=1e-9)
+        assert np.mean(scored["fvd_boot"]) == pytest.approx(scored["fvd"], rel=1e-9)
+
+
+def test_jackknife_indices_leave_one_out() -> None:
+    indices = jackknife_indices(5)
+    assert indices.shape == (5, 4) and all(
+        i not in row and len(set(row)) == 4 for i, row in enumerate(indices)
+    )
+    with pytest.raises(ValueError, match="n >= 3"):
+        jackknife_indices(2)
+    with pytest.raises(ValueError, match="unknown resampling"):
+        resampled_distances(np.zeros((4, 2)), np.ones((4, 2)), "subsampling")
+
+
+def test_paired_bootstrap_se() -> None:
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    assert paired_bootstrap_se(a, a + 5.0) == 0.0
+    assert paired_bootstrap_se(a, -a) == pytest.approx(np.std(2 * a, ddof=1))
+    with pytest.raises(ValueError, match="one length"):
+        paired_bootstrap_se(a, a[:3])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from harness.metrics import (
     text_alignment,
     text_alignment_by_attribute,
 )
+from harness.metrics.fvd import real_stats_identity
 
 FRAMES, RESOLUTION = 12, 16
 HALF, EXTRA = 128, 64  # clips per compared set; further clips for the accuracy test
@@ -228,6 +229,9 @@ def test_real_stats_cache_hit_skips_the_extractor(extractor: ProxyFeatures, tmp_
         False,
     )
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    # Features of 8-bit clips: the identity names the levels, so features cached before quantisation
+    # (an identity without "levels") are a miss.
+    assert real_stats_identity(protocol)["levels"] == "uint8"
 
 
 def test_evaluate_fvd_repeats_and_record(extractor: ProxyFeatures, tmp_path) -> None:
@@ -243,6 +247,7 @@ def test_evaluate_fvd_repeats_and_record(extractor: ProxyFeatures, tmp_path) -> 
     assert isinstance(result, FVDResult) and seeds == [3, 4]
     assert len(result.fvd_runs) == len(result.kvd_runs) == 2 and result.extractor == "proxy-v1"
     assert result.fvd_mean == pytest.approx(sum(result.fvd_runs) / 2) and result.fvd_std >= 0
+    assert result.fvd_se > 0 and result.kvd_se > 0 and result.bootstrap["seeds"] == [3, 4]
     assert result.to_dict()["protocol"]["name"] == "fvd32_12f_16px@proxy-v1"
     again = evaluate_fvd(protocol, generate, extractor, cache_dir=tmp_path, progress=False)
     assert again.real_cache_hit and again.fvd_runs == result.fvd_runs

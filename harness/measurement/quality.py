@@ -2,10 +2,17 @@
 generated videos; plus any checks the real videos' dataset provides (opt-in, ``MeasureSettings.checks``).
 
 ``compute`` records nothing (the recorder does); ``protocol(cand)`` names everything the values depend on.
+
+Generated set (common random numbers): video i of a run seeded s has prompt i of
+``harness.metrics.fvd.generation_prompts(real captions, s, ...)`` and its own noise
+(``harness.pipeline.video_seed(s, i)``), for every candidate and whatever the number of videos, so two
+candidates' FVDs differ by the candidates, not by the draw, and a larger protocol's videos start with a
+smaller one's (``GeneratedVideoCache`` reuses them). Videos are quantised to 8 bits before every metric.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict
 
 import torch
@@ -16,9 +23,16 @@ from harness.measurement.recorder import Computed, MetricGroup
 from harness.measurement.settings import MeasureSettings
 from harness.metric_names import NOT_APPLICABLE
 from harness.metrics.latency import device_description
-from harness.pipeline import generate
+from harness.pipeline import generate, video_seeds
 
-GENERATION_BATCH = 16  # videos generated per call (bounds memory, not results: seeds are per batch start)
+# Videos generated per call, in chunks aligned to multiples of it: video i is always made in the same
+# batch (i // 8) of the same size when N is a multiple of 8, so a screen of 8 or 16 videos and a full run
+# of 32 share their first videos bit for bit (batched kernels round differently per batch size: ~2e-6,
+# which moves a handful of pixels by one 8-bit level).
+GENERATION_BATCH = 8
+QUALITY_VERSION = (
+    "q2"  # bump when generated sets or estimators change (q2: CRN prompts/noise, 8-bit, bootstrap)
+)
 
 
 class QualityMetric(MetricGroup):
@@ -26,36 +40,99 @@ class QualityMetric(MetricGroup):
 
 
 def heldout_prompts(protocol) -> list[str]:
-    """Captions of the protocol's real clips: generated videos follow the same caption distribution."""
-    from harness.data import build_dataset
-    from harness.metrics.fvd import real_indices
+    """Captions of the protocol's real clips (the distribution generated videos follow)."""
+    from harness.metrics.fvd import real_captions
 
-    ds = build_dataset(
-        protocol.dataset,
-        protocol.split,
-        protocol.frames,
-        protocol.resolution,
-        seed=protocol.real_seed,
-        num_videos=protocol.num_real,
-    )
-    caption = ds.caption_at if hasattr(ds, "caption_at") else (lambda i: ds[i]["caption"])
-    return [caption(i) for i in real_indices(protocol, len(ds))]
+    return real_captions(protocol)
+
+
+def fvd_protocol(settings: MeasureSettings, frames: int, resolution: int, extractor: str):
+    """The ``harness.metrics.fvd.FVDProtocol`` of ``settings`` for videos of ``frames`` x ``resolution``."""
+    from harness.metrics.fvd import FVDProtocol
+
+    s = settings
+    return FVDProtocol(num_real=s.real_videos, num_fake=s.fvd_videos, frames=frames, resolution=resolution,
+                       extractor=extractor, dataset=s.fvd_data, split=s.fvd_split, real_seed=0, seed=s.seed,
+                       repeats=s.fvd_repeats)  # fmt: skip
+
+
+def settings_floor(
+    settings: MeasureSettings | None = None, frames: int = 12, resolution: int = 16, cache_dir=None
+):
+    """The floor (``FloorResult``: value, SE, ``wall_time_s``) of the quality protocol of ``settings``
+    (default: ``MeasureSettings()``, the main job's) at ``frames`` x ``resolution`` (the shipped base's
+    12 x 16), with the extractor ``settings.fvd_weights`` names. ``cache_dir=None`` measures it from
+    scratch, real features included (what the bench times); pass a folder to read / fill a cache."""
+    from harness.metrics.fvd import protocol_floor, resolve_extractor
+
+    settings = settings or MeasureSettings()
+    extractor = resolve_extractor(settings.fvd_weights)
+    return protocol_floor(fvd_protocol(settings, frames, resolution, extractor.name), extractor, cache_dir)
+
+
+class GeneratedVideoCache:
+    """A bounded in-memory LRU of candidates' generated videos (8-bit, ``uint8``), by index prefix.
+
+    Shared between ``FrechetQuality`` objects that differ only in ``fvd_videos`` (a multi-fidelity
+    search's screen and full protocols): the full measurement generates only the videos the screen did
+    not. Keys name everything the videos depend on except their number (the candidate, the models'
+    files, steps, guidance, the real set the prompts follow, the seed), so a wrong hit cannot happen;
+    ``generated`` and ``reused`` count videos."""
+
+    def __init__(self, max_candidates: int = 4):
+        if max_candidates < 1:
+            raise ValueError(f"max_candidates must be at least 1, got {max_candidates}")
+        self.max_candidates = max_candidates
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.generated = self.reused = 0
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        """The cached prefix ``(n, 3, T, R, R)`` uint8 of ``key``, or None."""
+        videos = self._entries.get(key)
+        if videos is not None:
+            self._entries.move_to_end(key)
+        return videos
+
+    def put(self, key: tuple, videos: torch.Tensor) -> None:
+        """Keep ``videos`` (a prefix, uint8) unless a longer prefix is cached already."""
+        held = self._entries.get(key)
+        if held is None or held.shape[0] < videos.shape[0]:
+            self._entries[key] = videos
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_candidates:
+            self._entries.popitem(last=False)
 
 
 class FrechetQuality(QualityMetric):
-    """FVD and KVD (``harness.metrics.fvd``) and the extractor's text alignment of the same videos."""
+    """FVD and KVD (``harness.metrics.fvd``) and the extractor's text alignment of the same videos, with
+    bootstrap standard errors and the protocol's floor (``extra["bootstrap"]``, ``extra["floor"]``)."""
 
     metrics = ("fvd", "kvd", "text_alignment")
 
-    def __init__(self, generation: Generation, text_encoder, settings: MeasureSettings, extractor=None):
-        """``extractor``: the FVD feature extractor, when the caller resolved it already (else on first use)."""
+    def __init__(
+        self,
+        generation: Generation,
+        text_encoder,
+        settings: MeasureSettings,
+        extractor=None,
+        video_cache: GeneratedVideoCache | None = None,
+        cache_dir=None,
+    ):
+        """``extractor``: the FVD feature extractor, when the caller resolved it already (else on first use);
+        ``video_cache``: generated videos shared with another fidelity (None: none kept); ``cache_dir``:
+        real-feature and floor cache (None: ``harness.metrics.fvd.DEFAULT_CACHE_DIR``)."""
         from harness.data import dataset_checks
+        from harness.metrics.fvd import DEFAULT_CACHE_DIR
 
         self.generation, self.text, self.settings, self._extractor = (
             generation,
             text_encoder,
             settings,
             extractor,
+        )
+        self.video_cache, self.cache_dir = (
+            video_cache,
+            cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR,
         )
         self.device = device_description(settings.device)
         available = dataset_checks(settings.fvd_data)
@@ -66,6 +143,9 @@ class FrechetQuality(QualityMetric):
                 f"{', '.join(available) or 'none'})"
             )
         self.checks = {name: available[name] for name in settings.checks}
+        self._captions: dict[
+            str, list[str]
+        ] = {}  # real-set key -> its captions (prompts are drawn from them)
 
     @property
     def extractor(self):
@@ -76,25 +156,14 @@ class FrechetQuality(QualityMetric):
         return self._extractor
 
     def fvd_protocol(self, cand: Candidate):
-        from harness.metrics.fvd import FVDProtocol
-
-        s, g = self.settings, self.generation
-        return FVDProtocol(
-            num_real=s.real_videos,
-            num_fake=s.fvd_videos,
-            frames=g.pixel_frames,
-            resolution=g.pixel_resolution(cand),
-            extractor=self.extractor.name,
-            dataset=s.fvd_data,
-            split=s.fvd_split,
-            real_seed=0,
-            seed=s.seed,
-            repeats=s.fvd_repeats,
-        )
+        g = self.generation
+        return fvd_protocol(self.settings, g.pixel_frames, g.pixel_resolution(cand), self.extractor.name)
 
     def protocol(self, cand: Candidate) -> str:
-        """E.g. ``fvd32_12f_16px@proxy-v1:real256:x1:ddim8:g3:seed0`` (+ a hash of a folder's real set,
-        + the opted-in checks)."""
+        """E.g. ``fvd32_12f_16px@proxy-v1:real256:x1:ddim8:g3:q2-crn-u8-jk:seed0`` (+ a hash of a
+        folder's real set, + the opted-in checks). ``q2-crn-u8-jk`` names the generated set's design (common
+        random numbers), 8-bit videos and the SE's resampling (jackknife), so rows of older protocols
+        are never reused."""
         from harness.metrics.fvd import real_stats_key
 
         s = self.settings
@@ -103,39 +172,88 @@ class FrechetQuality(QualityMetric):
             "" if (p.dataset, p.split) == ("synthetic", "heldout") else f":{real_stats_key(p).split('_')[-1]}"
         )
         checks = f":checks={'+'.join(sorted(self.checks))}" if self.checks else ""
+        version = f":{QUALITY_VERSION}-crn-u8-{p.uncertainty_tag}"
         return (
-            f"{p.name}:real{p.num_real}{real}:x{p.repeats}:ddim{s.steps}:g{s.guidance:g}:seed{s.seed}{checks}"
+            f"{p.name}:real{p.num_real}{real}:x{p.repeats}:ddim{s.steps}:g{s.guidance:g}{version}"
+            f":seed{s.seed}{checks}"
         )
 
+    def prompts(self, protocol, seed: int, n: int) -> list[str]:
+        """Prompts of videos ``0 .. n - 1`` of run ``seed`` (``generation_prompts`` of the real captions)."""
+        from harness.metrics.fvd import generation_prompts, real_captions, real_stats_key
+
+        key = real_stats_key(protocol)
+        if key not in self._captions:
+            self._captions[key] = real_captions(protocol)
+        return generation_prompts(self._captions[key], seed, n)
+
+    def _video_key(self, cand: Candidate, protocol, seed: int) -> tuple:
+        from harness.metrics.fvd import real_stats_key
+
+        g = self.generation
+        # A bundle built in memory has no file hash: the network object itself then names it.
+        models = tuple(b.checkpoint_hash or id(b.network) for b in (g.base, g.ssr) if b is not None)
+        return (cand.key, cand.to_json(), models, g.steps, g.guidance, self.settings.steps,
+                self.settings.guidance, self.text is not None, real_stats_key(protocol), seed)  # fmt: skip
+
+    def videos(self, cand: Candidate, seed: int, n: int) -> torch.Tensor:
+        """Generated videos ``0 .. n - 1`` of run ``seed``, 8-bit ``(n, 3, T, R, R)`` in [-1, 1]: read
+        from the video cache where a shorter (or equal) run made them, the rest generated."""
+        from harness.data._common import quantize_to_uint8, uint8_to_unit_range
+
+        protocol = self.fvd_protocol(cand)
+        key = self._video_key(cand, protocol, seed)
+        held = self.video_cache.get(key) if self.video_cache is not None else None
+        have = 0 if held is None else min(held.shape[0], n)
+        parts = [held[:have]] if have else []
+        if have < n:
+            s, chain = self.settings, self.generation.chain(cand, self.text)
+            prompts = self.prompts(protocol, seed, n)
+            start = have
+            while start < n:  # chunks end on multiples of GENERATION_BATCH (see there)
+                stop = min(n, (start // GENERATION_BATCH + 1) * GENERATION_BATCH)
+                video = generate(chain, prompts[start:stop], cand.resolution, steps=s.steps,
+                                 guidance=s.guidance, video_seeds=video_seeds(seed, start, stop))  # fmt: skip
+                parts.append(quantize_to_uint8(video))
+                start = stop
+        out = torch.cat(parts)
+        if self.video_cache is not None:
+            self.video_cache.generated += n - have
+            self.video_cache.reused += have
+            self.video_cache.put(key, out)
+        return uint8_to_unit_range(out)
+
+    def floor(self, cand: Candidate):
+        """The protocol's floor (``harness.metrics.fvd.FloorResult``), measured once and cached on disk."""
+        from harness.metrics.fvd import protocol_floor
+
+        return protocol_floor(self.fvd_protocol(cand), self.extractor, self.cache_dir)
+
+    def _floor_record(self, cand: Candidate) -> dict:
+        """``extra["floor"]``; a real set that leaves too few clips for a floor (a folder whose split is the
+        real set) records why instead of failing the measurement (tables then print no floor)."""
+        from harness.data import DataError
+        from harness.metrics.fvd import FLOOR_METHOD
+
+        try:
+            return self.floor(cand).to_extra()
+        except DataError as error:
+            return {"n": self.settings.fvd_videos, "method": FLOOR_METHOD, "unavailable": str(error)}
+
     def compute(self, cand: Candidate) -> Computed:
-        """``({"fvd", "kvd", "text_alignment" and stds}, provenance with the checks' results)``."""
+        """``({"fvd", "kvd", "text_alignment" and SEs}, provenance with bootstrap, floor and checks)``."""
         from harness.metrics.fvd import evaluate_fvd, text_alignment_by_attribute
 
         s, extractor = self.settings, self.extractor
         protocol = self.fvd_protocol(cand)
-        chain = self.generation.chain(cand, self.text)
-        prompts = heldout_prompts(protocol)
         videos_seen: list[tuple[torch.Tensor, list[str]]] = []
 
         def generate_fn(n: int, seed: int) -> torch.Tensor:
-            out = []
-            for start in range(0, n, GENERATION_BATCH):
-                batch_prompts = [
-                    prompts[i % len(prompts)] for i in range(start, min(n, start + GENERATION_BATCH))
-                ]
-                video = generate(
-                    chain,
-                    batch_prompts,
-                    cand.resolution,
-                    steps=s.steps,
-                    guidance=s.guidance,
-                    seed=seed * 100003 + start,
-                )
-                out.append(video)
-                videos_seen.append((video, batch_prompts))
-            return torch.cat(out)
+            videos = self.videos(cand, seed, n)
+            videos_seen.append((videos, self.prompts(protocol, seed, n)))
+            return videos
 
-        result = evaluate_fvd(protocol, generate_fn, extractor, progress=False)
+        result = evaluate_fvd(protocol, generate_fn, extractor, cache_dir=self.cache_dir, progress=False)
         videos, captions = torch.cat([v for v, _ in videos_seen]), [p for _, ps in videos_seen for p in ps]
         conditioned = self.text is not None and hasattr(extractor, "predict_attributes")
         by_attribute = text_alignment_by_attribute(videos, captions, extractor) if conditioned else {}
@@ -143,15 +261,18 @@ class FrechetQuality(QualityMetric):
         align = sum(by_attribute.values()) / len(by_attribute) if by_attribute else NOT_APPLICABLE
         values = {
             "fvd": result.fvd_mean,
-            "fvd_std": result.fvd_std,
+            "fvd_std": result.fvd_se,  # contract: <metric>_std is the standard error of the value
             "kvd": result.kvd_mean,
-            "kvd_std": result.kvd_std,
+            "kvd_std": result.kvd_se,
             "text_alignment": align,
         }
+        runs = {k: v for k, v in result.to_dict().items() if k not in ("bootstrap", "protocol")}
         extra = {
             "protocol": protocol.to_dict(),
             "extractor": extractor.name,
-            "runs": result.to_dict(),
+            "runs": runs,
+            "bootstrap": result.bootstrap,
+            "floor": self._floor_record(cand),
             "settings": asdict(s),
             "text_alignment_by_attribute": by_attribute,
             "checks": {name: check(videos, captions) for name, check in self.checks.items()},

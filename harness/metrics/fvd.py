@@ -4,8 +4,21 @@ Conventions follow the reference implementations (see ``shared/reference/fvd.md`
 ``num_real`` real and ``num_fake`` generated clips of ``frames`` frames, Frechet distance of their
 Gaussian fits (:func:`harness.metrics.frechet.frechet_distance`, pytorch-fid formula, covariance with
 N - 1) and the unbiased cubic-polynomial MMD^2 on the full sets (:func:`kernel_distance`, TATS / LVDM
-``polynomial_mmd``); repeated ``repeats`` times with different fake seeds and reported as mean and
-std, as LVDM and the SNED paper average 10 runs.
+``polynomial_mmd``); repeated ``repeats`` times with different fake seeds and reported as their mean,
+as LVDM and the SNED paper average 10 runs. Every clip, real or generated, is put on the 256 levels of
+uint8 before feature extraction (:func:`quantize_8bit`), as the reference implementations read videos.
+
+Uncertainty of one run (``uncertainty``): replicates over resamples of the generated set, the
+delete-1 jackknife by default (scaled pseudo-values), or ``bootstrap`` resamples with replacement by
+indices that depend only on ``(num_fake, bootstrap, seed)``
+(:func:`harness.metrics.frechet.resampled_distances`; why the jackknife: see there); the standard error
+is the replicates' std. With repeats, replicate b is the mean over repeats of each repeat's replicate b.
+Candidates generated on common random numbers (same prompts and noise per video index) share the
+resamples, so their replicate-wise differences give a paired standard error (:func:`paired_se`).
+
+Floor (:func:`protocol_floor`): held-out real clips scored in place of generated ones at the same N,
+with the same prompts (caption-matched) and the same resamples: what a perfect generator would score
+under the protocol. Cached beside the real features.
 
 Real videos: one fixed set of ``num_real`` clips per protocol, the same for every repeat (only the
 generated set changes between repeats, so the std measures sampler variance, not real-subset
@@ -30,6 +43,7 @@ import re
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,14 +55,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from harness.data import DataError, build_dataset, labels_for
+from harness.data import DataError, SyntheticVideos, build_dataset, labels_for
+from harness.data._common import quantize_to_uint8, uint8_to_unit_range
 from harness.metrics.extractor import PROXY_NAME, REPO_ROOT, ProxyExtractor, load_extractor
-from harness.metrics.frechet import frechet_distance, kernel_distance
+from harness.metrics.frechet import combine_runs, paired_bootstrap_se, resampled_distances
 from harness.metrics.i3d import load_i3d
 
 I3D_NAME = "i3d-k400"
 DEFAULT_CACHE_DIR = REPO_ROOT / "results" / "cache" / "real_stats"
 GenerateFn = Callable[[int, int], torch.Tensor]  # (n, seed) -> (n, 3, T, R, R) in [-1, 1]
+# Bootstrap (opt-in): 200 replicates make the SE vary by about 1 / sqrt(2 * 199) = 5 % between seeds.
+BOOTSTRAP_REPLICATES = 200
+RECORD_METHODS = {"jackknife": "jackknife-delete1-scaled", "bootstrap": "bootstrap-iid"}  # real set fixed
+FLOOR_METHOD = "heldout-real-caption-matched"
+REAL_LEVELS = "uint8"  # every clip is quantised to 8 bits before extraction (part of the cache identity)
+PROMPT_STREAM, FLOOR_STREAM = 0x9120_3417, 0xF100_5EED  # tags of the seeded draws below
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,7 +153,9 @@ class FVDProtocol:
     split: str = "heldout"  # split of the real clips
     real_seed: int = 0  # seed of the synthetic dataset / of the real subset of a folder dataset
     seed: int = 0  # fake seed of the first repeat; repeat r uses seed + r
-    repeats: int = 1  # independent generated sets; FVD / KVD reported as mean and std over them
+    repeats: int = 1  # independent generated sets; FVD / KVD reported as their mean
+    uncertainty: str = "jackknife"  # resampling of the generated set for the SE: jackknife or bootstrap
+    bootstrap: int = BOOTSTRAP_REPLICATES  # resamples per run when uncertainty == "bootstrap"
 
     def __post_init__(self) -> None:
         for name in ("num_real", "num_fake"):
@@ -143,11 +166,29 @@ class FVDProtocol:
         for name in ("frames", "resolution", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.uncertainty not in RECORD_METHODS:
+            raise ValueError(f"unknown uncertainty {self.uncertainty!r}; use one of {list(RECORD_METHODS)}")
+        if self.uncertainty == "jackknife" and self.num_fake < 3:
+            raise ValueError(
+                f"num_fake must be at least 3 for a jackknife SE (n - 1 left), got {self.num_fake}"
+            )
+        if self.bootstrap < 2:
+            raise ValueError(f"bootstrap must be at least 2 replicates, got {self.bootstrap}")
 
     @property
     def name(self) -> str:
         """E.g. ``fvd512_12f_16px@proxy-v1`` (StyleGAN-V's ``fvd2048_16f`` plus resolution and extractor)."""
         return f"fvd{self.num_fake}_{self.frames}f_{self.resolution}px@{self.extractor}"
+
+    @property
+    def replicates(self) -> int:
+        """Replicates per run: ``num_fake`` delete-1 values for the jackknife, else ``bootstrap``."""
+        return self.num_fake if self.uncertainty == "jackknife" else self.bootstrap
+
+    @property
+    def uncertainty_tag(self) -> str:
+        """``jk`` or ``boot200``: the resampling, for protocol strings."""
+        return "jk" if self.uncertainty == "jackknife" else f"boot{self.bootstrap}"
 
     @property
     def fake_seeds(self) -> list[int]:
@@ -159,7 +200,9 @@ class FVDProtocol:
 
 @dataclass(frozen=True)
 class FVDResult:
-    """FVD / KVD of one protocol: mean and population std (``ddof=0``) over the repeats."""
+    """FVD / KVD of one protocol: mean over the repeats, standard errors of that mean (resampling)
+    (``fvd_se``, ``kvd_se``; what ``<metric>_std`` stores) and the repeats' population std
+    (``fvd_std``, ``kvd_std``: 0 for one repeat; a spread, not an uncertainty)."""
 
     fvd_mean: float
     fvd_std: float
@@ -173,9 +216,34 @@ class FVDResult:
     real_cache_hit: bool = False  # real features came from the on-disk cache
     real_stats_key: str = ""  # cache key of the real features
     extra: dict[str, Any] = field(default_factory=dict)
+    fvd_se: float = math.nan  # standard error of fvd_mean (protocol.uncertainty)
+    kvd_se: float = math.nan
+    bootstrap: dict[str, Any] = field(default_factory=dict)  # see bootstrap_record
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FloorResult:
+    """The protocol's floor: held-out real clips scored in place of the generated ones (same N, same
+    prompts, same resamples), mean over the repeats' seeds with its standard error."""
+
+    fvd: float
+    fvd_se: float
+    kvd: float
+    kvd_se: float
+    n: int  # clips per run (the protocol's num_fake)
+    method: str
+    seeds: list[int]  # fake seeds (prompts and resamples) of the runs
+    bootstrap: dict[str, Any]  # replicates, as FVDResult.bootstrap (paired with a candidate's)
+    cache_hit: bool  # every run read back from the cache
+    wall_time_s: float
+
+    def to_extra(self) -> dict[str, Any]:
+        """The compact record a measurement carries (``extra["floor"]``)."""
+        keys = ("fvd", "fvd_se", "kvd", "kvd_se", "n", "method", "seeds")
+        return {key: getattr(self, key) for key in keys}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,6 +272,7 @@ def real_stats_identity(protocol: FVDProtocol) -> dict[str, Any]:
         "num_real": protocol.num_real,
         "real_seed": protocol.real_seed,
         "extractor": protocol.extractor,
+        "levels": REAL_LEVELS,
     }
 
 
@@ -224,42 +293,56 @@ def _extract_real(
     protocol: FVDProtocol, extractor: FeatureExtractor, progress: bool, chunk: int = 64
 ) -> torch.Tensor:
     """Load the real clips in chunks and extract their features ``(num_real, D)``."""
-    dataset = build_dataset(
-        protocol.dataset,
-        protocol.split,
-        frames=protocol.frames,
-        resolution=protocol.resolution,
-        seed=protocol.real_seed,
-        num_videos=protocol.num_real,
-    )
+    dataset = _real_dataset(protocol)
     indices = real_indices(protocol, len(dataset))
     features = []
     for start in tqdm(range(0, len(indices), chunk), desc="real features", disable=not progress, leave=False):
         videos = torch.stack([dataset[i]["video"] for i in indices[start : start + chunk]])  # (b, 3, T, R, R)
-        features.append(extractor.extract(videos).float())
+        features.append(extractor.extract(quantize_8bit(videos)).float())
     return torch.cat(features, dim=0)
 
 
 def _read_cache(path: Path, identity: dict[str, Any]) -> torch.Tensor | None:
     """Cached features ``(N, D)`` when the file exists, is readable and its metadata matches ``identity``
     (an unreadable or mismatching file is treated as a miss and overwritten)."""
+    entry = _read_entry(path, identity)
+    return entry[0]["features"] if entry is not None else None
+
+
+def _read_entry(path: Path, identity: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """``(tensors, values)`` of a cache file whose ``protocol`` metadata matches ``identity``, else None."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = json.loads((handle.metadata() or {}).get("protocol", "{}"))
-            return handle.get_tensor("features") if metadata == identity else None
+            metadata = handle.metadata() or {}
+            if json.loads(metadata.get("protocol", "{}")) != identity:
+                return None
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            return tensors, json.loads(metadata.get("values", "{}"))
     except (OSError, ValueError, SafetensorError):  # json.JSONDecodeError is a ValueError
         return None
 
 
-def _write_cache(path: Path, features: torch.Tensor, identity: dict[str, Any]) -> None:
-    """Write ``features`` with ``identity`` as JSON header metadata: temporary file, then ``os.replace``."""
+def _write_cache(
+    path: Path,
+    features: torch.Tensor,
+    identity: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    values: dict[str, Any] | None = None,
+) -> None:
+    """Write ``features`` (and ``extra_tensors``) with ``identity`` (and ``values``) as JSON header
+    metadata: temporary file, then ``os.replace``, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
+    tensors = {
+        "features": features.contiguous(),
+        **{k: v.contiguous() for k, v in (extra_tensors or {}).items()},
+    }
+    metadata = {"protocol": json.dumps(identity), **({"values": json.dumps(values)} if values else {})}
     try:
-        save_file({"features": features.contiguous()}, temp_name, metadata={"protocol": json.dumps(identity)})
+        save_file(tensors, temp_name, metadata=metadata)
         os.replace(temp_name, path)
     finally:
         if os.path.exists(temp_name):
@@ -302,11 +385,56 @@ def _check_fake(videos: torch.Tensor, protocol: FVDProtocol) -> None:
         raise ValueError(f"generate_fn returned videos of shape {tuple(videos.shape)}, expected {expected}")
 
 
+def quantize_8bit(videos: torch.Tensor) -> torch.Tensor:
+    """Videos in [-1, 1] put on the 256 levels of uint8 (round to nearest), back in [-1, 1] float32: how
+    the real clips are stored and how the reference FVD code reads any video. Idempotent."""
+    return uint8_to_unit_range(quantize_to_uint8(videos))
+
+
 def _extract_chunked(extractor: FeatureExtractor, videos: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """Features ``(N, D)`` of videos ``(N, 3, T, R, R)``, ``chunk`` videos at a time."""
+    """Features ``(N, D)`` of videos ``(N, 3, T, R, R)`` (quantised to 8 bits first), ``chunk`` at a time."""
     return torch.cat(
-        [extractor.extract(videos[s : s + chunk]).float() for s in range(0, videos.shape[0], chunk)]
+        [
+            extractor.extract(quantize_8bit(videos[s : s + chunk])).float()
+            for s in range(0, videos.shape[0], chunk)
+        ]
     )
+
+
+def _resampled(real: torch.Tensor, fake: torch.Tensor, protocol: FVDProtocol, seed: int) -> dict[str, Any]:
+    return resampled_distances(real, fake, protocol.uncertainty, protocol.bootstrap, seed)
+
+
+def _combine(runs: list[dict[str, Any]], protocol: FVDProtocol) -> dict[str, Any]:
+    out = combine_runs(runs)
+    return {**out, "bootstrap": bootstrap_record(protocol, out["fvd_boot"], out["kvd_boot"])}
+
+
+def bootstrap_record(protocol: FVDProtocol, fvd_boot: np.ndarray, kvd_boot: np.ndarray) -> dict[str, Any]:
+    """The ``extra["bootstrap"]`` record (contract item 2): replicates rounded to 6 significant digits
+    (far below their spread; keeps a row a few kB)."""
+    method = RECORD_METHODS[protocol.uncertainty]
+    return {
+        "method": method if protocol.repeats == 1 else f"{method}/mean-of-{protocol.repeats}",
+        "B": protocol.replicates,
+        "seed": protocol.seed,
+        "seeds": protocol.fake_seeds,
+        "n": protocol.num_fake,
+        "fvd": [float(f"{v:.6g}") for v in fvd_boot],
+        "kvd": [float(f"{v:.6g}") for v in kvd_boot],
+    }
+
+
+def paired_se(boot_a: dict[str, Any], boot_b: dict[str, Any], metric: str = "fvd") -> float:
+    """Standard error of ``value_a - value_b`` from two ``bootstrap`` records made on the same resamples
+    (same method, B, n and seeds: common random numbers): the std of the replicate-wise differences."""
+    keys = ("method", "B", "n", "seeds")
+    if any(boot_a.get(k) != boot_b.get(k) for k in keys):
+        raise ValueError(
+            f"bootstrap records differ in {[k for k in keys if boot_a.get(k) != boot_b.get(k)]}; "
+            "a paired SE needs two measurements of one protocol and seed"
+        )
+    return paired_bootstrap_se(boot_a[metric], boot_b[metric])
 
 
 def evaluate_fvd(
@@ -319,23 +447,24 @@ def evaluate_fvd(
     """FVD and KVD of ``generate_fn``'s videos against the protocol's real clips, over ``repeats`` seeds.
 
     ``generate_fn(num_fake, seed)`` must return ``(num_fake, 3, frames, resolution, resolution)`` in
-    [-1, 1]; repeat r calls it with ``seed = protocol.seed + r``. Every repeat compares against the
-    same cached real features. FVD: Frechet distance (pytorch-fid formula); KVD: unbiased cubic
-    polynomial MMD^2 on the full sets (TATS / LVDM). Mean and population std over the repeats.
+    [-1, 1]; repeat r calls it with ``seed = protocol.seed + r``. Videos are quantised to 8 bits, then
+    compared against the same cached real features every repeat. FVD: Frechet distance (pytorch-fid
+    formula); KVD: unbiased cubic polynomial MMD^2 on the full sets (TATS / LVDM). Mean over repeats,
+    bootstrap standard error (module docstring) and the repeats' population std.
     """
     start = time.perf_counter()
     real, cache_hit = real_features(protocol, extractor, cache_dir, progress)
-    fvd_runs, kvd_runs = [], []
+    runs = []
     for seed in tqdm(protocol.fake_seeds, desc=protocol.name, disable=not progress, leave=False):
         videos = generate_fn(protocol.num_fake, seed)
         _check_fake(videos, protocol)
-        fake = _extract_chunked(extractor, videos)
-        fvd_runs.append(frechet_distance(real, fake))
-        kvd_runs.append(float(kernel_distance(real, fake)))
+        runs.append(_resampled(real, _extract_chunked(extractor, videos), protocol, seed))
+    combined = _combine(runs, protocol)
+    fvd_runs, kvd_runs = [run["fvd"] for run in runs], [run["kvd"] for run in runs]
     return FVDResult(
-        fvd_mean=float(np.mean(fvd_runs)),
+        fvd_mean=combined["fvd"],
         fvd_std=float(np.std(fvd_runs)),
-        kvd_mean=float(np.mean(kvd_runs)),
+        kvd_mean=combined["kvd"],
         kvd_std=float(np.std(kvd_runs)),
         fvd_runs=fvd_runs,
         kvd_runs=kvd_runs,
@@ -344,6 +473,162 @@ def evaluate_fvd(
         wall_time_s=time.perf_counter() - start,
         real_cache_hit=cache_hit,
         real_stats_key=real_stats_key(protocol),
+        fvd_se=combined["fvd_se"],
+        kvd_se=combined["kvd_se"],
+        bootstrap=combined["bootstrap"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts of the generated set and the floor.
+
+
+def _real_dataset(protocol: FVDProtocol):
+    return build_dataset(
+        protocol.dataset,
+        protocol.split,
+        frames=protocol.frames,
+        resolution=protocol.resolution,
+        seed=protocol.real_seed,
+        num_videos=protocol.num_real,
+    )
+
+
+def _caption(dataset, index: int) -> str:
+    return dataset.caption_at(index) if hasattr(dataset, "caption_at") else dataset[index]["caption"]
+
+
+def real_captions(protocol: FVDProtocol) -> list[str]:
+    """Captions of the protocol's real clips, in the order of :func:`real_indices`."""
+    dataset = _real_dataset(protocol)
+    return [_caption(dataset, i) for i in real_indices(protocol, len(dataset))]
+
+
+def generation_prompts(captions: Sequence[str], seed: int, stop: int, start: int = 0) -> list[str]:
+    """Prompts ``start .. stop - 1`` of a generated set that follows ``captions`` (the real set's).
+
+    Stratified draw without replacement: the real captions are split into rounds (round r holds the
+    r-th occurrence of every distinct caption), every round is shuffled by a generator seeded by
+    ``(seed, cycle, round)`` and the rounds are concatenated; past ``len(captions)`` prompts a new cycle
+    starts. So prompt i depends only on ``(captions, seed, i)`` (the same for every candidate and every
+    N: prefix-stable), the first prompts cover distinct captions (the synthetic real set holds each
+    of the 128 attribute combinations twice: prompts 0..127 are the 128 combinations), and a full
+    cycle reproduces the real caption counts exactly.
+    """
+    if not captions:
+        raise ValueError("the real set has no captions to draw prompts from")
+    occurrences: dict[str, int] = {}
+    rounds: list[list[str]] = []
+    for caption in captions:  # first-appearance order, so the draw depends on the real set alone
+        k = occurrences[caption] = occurrences.get(caption, -1) + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(caption)
+    out, size = [], len(captions)
+    for cycle in range(start // size, (stop - 1) // size + 1 if stop > start else 0):
+        order = []
+        for r, members in enumerate(rounds):
+            rng = np.random.default_rng([PROMPT_STREAM, seed, cycle, r])
+            order.extend(members[k] for k in rng.permutation(len(members)))
+        lo, hi = max(start - cycle * size, 0), min(stop - cycle * size, size)
+        out.extend(order[lo:hi])
+    return out
+
+
+def _floor_dataset_seed(protocol: FVDProtocol, seed: int) -> int:
+    """Seed of the synthetic split the floor's clips come from: never the real set's."""
+    derived = int(np.random.SeedSequence([FLOOR_STREAM, protocol.real_seed, seed]).generate_state(1)[0]) >> 1
+    return derived if derived != protocol.real_seed else derived + 1
+
+
+def floor_clips(protocol: FVDProtocol, seed: int) -> torch.Tensor:
+    """``num_fake`` held-out real clips ``(N, 3, T, R, R)`` standing in for a generated set of ``seed``:
+    clip i has prompt i's caption (``generation_prompts``), and no clip is in the real set.
+
+    Synthetic data: items of the same split drawn under another dataset seed (independent draws of the
+    same generator), the k-th use of a caption taking its k-th occurrence there. A folder: clips
+    outside the real subset, in a seeded order, caption-matched where such a clip remains, else the
+    next in that order (a folder whose captions are unique per clip, or empty, falls back to a seeded
+    sample of the other clips, which follows the same caption distribution).
+    """
+    prompts = generation_prompts(real_captions(protocol), seed, protocol.num_fake)
+    if protocol.dataset == "synthetic":  # items are rendered on demand: the size bound costs nothing
+        floor_seed = _floor_dataset_seed(protocol, seed)
+        pool = SyntheticVideos(protocol.split, num_videos=2**30, frames=protocol.frames,
+                               resolution=protocol.resolution, seed=floor_seed)  # fmt: skip
+        order: Sequence[int] = range(128 * (protocol.num_fake + 1))  # every caption once per 128 items
+    else:
+        pool = _real_dataset(protocol)
+        reference = set(real_indices(protocol, len(pool)))
+        others = [i for i in range(len(pool)) if i not in reference]
+        if len(others) < protocol.num_fake:
+            raise DataError(
+                f"the floor of {protocol.name} needs {protocol.num_fake} clips outside the "
+                f"{protocol.num_real} real ones, but {protocol.dataset} ({protocol.split}) has "
+                f"{len(others)} more; lower --real-videos"
+            )
+        order = [
+            others[k]
+            for k in np.random.default_rng([FLOOR_STREAM, protocol.real_seed, seed]).permutation(len(others))
+        ]
+    by_caption: dict[str, list[int]] = {}
+    needed = Counter(prompts)
+    for index in order:  # until every prompt has its clips (synthetic captions need no rendering)
+        by_caption.setdefault(_caption(pool, index), []).append(index)
+        if all(len(by_caption.get(p, ())) >= k for p, k in needed.items()):
+            break
+    picked: list[int] = []
+    for prompt in prompts:  # the next unused clip of this caption, else of the seeded order
+        used = set(picked)
+        left = [i for i in by_caption.get(prompt, ()) if i not in used]
+        picked.append(left[0] if left else next(i for i in order if i not in used))
+    return torch.stack([pool[i]["video"] for i in picked])
+
+
+def floor_key(protocol: FVDProtocol, seed: int) -> str:
+    return f"{real_stats_key(protocol)}_floor_n{protocol.num_fake}_{protocol.uncertainty_tag}_s{seed}"
+
+
+def protocol_floor(
+    protocol: FVDProtocol,
+    extractor: FeatureExtractor,
+    cache_dir: str | os.PathLike[str] | None = DEFAULT_CACHE_DIR,  # None: no cache
+    progress: bool = False,
+) -> FloorResult:
+    """The protocol's floor (``FloorResult``): ``floor_clips`` of every fake seed scored as a generated
+    set would be, against the same real features and with the same resamples. Each seed's run is
+    cached on disk beside the real features (key: real set, N, B, seed)."""
+    begin = time.perf_counter()
+    real, _ = real_features(protocol, extractor, cache_dir, progress)
+    runs, hits = [], []
+    for seed in protocol.fake_seeds:
+        identity = {**real_stats_identity(protocol), "floor": FLOOR_METHOD, "n": protocol.num_fake}
+        identity |= {"uncertainty": [RECORD_METHODS[protocol.uncertainty], protocol.replicates], "seed": seed}
+        path = Path(cache_dir) / f"{floor_key(protocol, seed)}.safetensors" if cache_dir is not None else None
+        entry = _read_entry(path, identity) if path is not None else None
+        if entry is not None:
+            tensors, values = entry
+            run = {**values, **{k: tensors[k].numpy() for k in ("fvd_boot", "kvd_boot")}}
+        else:
+            features = _extract_chunked(extractor, floor_clips(protocol, seed))
+            run = _resampled(real, features, protocol, seed)
+            if path is not None:
+                boots = {k: torch.from_numpy(np.asarray(run[k])) for k in ("fvd_boot", "kvd_boot")}
+                _write_cache(path, features, identity, boots, {"fvd": run["fvd"], "kvd": run["kvd"]})
+        runs.append(run)
+        hits.append(entry is not None)
+    combined = _combine(runs, protocol)
+    return FloorResult(
+        fvd=combined["fvd"],
+        fvd_se=combined["fvd_se"],
+        kvd=combined["kvd"],
+        kvd_se=combined["kvd_se"],
+        n=protocol.num_fake,
+        method=FLOOR_METHOD,
+        seeds=protocol.fake_seeds,
+        bootstrap=combined["bootstrap"],
+        cache_hit=all(hits),
+        wall_time_s=time.perf_counter() - begin,
     )
 
 
