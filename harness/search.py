@@ -29,6 +29,7 @@ from harness.measurement import (
     settings_from_args,
 )
 from harness.measurement.predictors import load_predictors
+from harness.measurement.quality import GeneratedVideoCache
 from harness.metric_names import OBJECTIVES, search_objectives
 from harness.models import add_model_arguments, load_chain
 from harness.paths import DEFAULT_STORAGE
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="screening rungs: generated videos per FVD estimate, ascending and below --fvd-videos; a "
         "candidate reaches the full protocol only when no screened one clearly dominates it ('' = none; "
-        "auto = one rung at a quarter of --fvd-videos, none below 8)",
+        "auto = one rung at a quarter of --fvd-videos, none below 16)",
     )
     g.add_argument("--promotion", choices=RULES, default=Promotion.rule, help="promotion rule")
     g.add_argument("--eta", type=float, default=Promotion.eta, help="top-fraction: promote the best 1/eta")
@@ -137,8 +138,20 @@ def main(argv=None) -> None:
     store = Store.open(url)
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
+    videos = GeneratedVideoCache()  # a screen's videos are the full protocol's first ones: generated once
+
     def measurer_for(s: MeasureSettings) -> Measurer:
-        return Measurer(base, ssr, text, s, store, worker=worker, predictors=predictors, extractor=extractor)
+        return Measurer(
+            base,
+            ssr,
+            text,
+            s,
+            store,
+            worker=worker,
+            predictors=predictors,
+            extractor=extractor,
+            video_cache=videos,
+        )
 
     measurer = measurer_for(settings)
     screens = {rung: measurer_for(s) for rung, s in promotion.rung_settings(settings).items()}

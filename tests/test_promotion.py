@@ -46,7 +46,7 @@ def test_top_fraction_rule_keeps_the_best_one_over_eta():
 
 def test_rungs_are_checked_and_auto_is_a_quarter():
     assert parse_rungs("auto", 32) == (8,)
-    assert parse_rungs("auto", 4) == ()
+    assert parse_rungs("auto", 8) == ()
     assert parse_rungs("", 32) == ()
     assert parse_rungs("4,8", 32) == (4, 8)
     with pytest.raises(ValueError, match="--rungs"):
@@ -71,7 +71,7 @@ def test_search_screens_prunes_and_reports_only_full_fidelity(tmp_path):
     db = tmp_path / "s.db"
     main(
         [
-            "--objective", "latency", "--trials", "7", "--fvd-videos", "6", "--rungs", "3",
+            "--objective", "latency", "--trials", "7", "--fvd-videos", "8", "--rungs", "4",
             "--real-videos", "16", "--steps", "2", "--threads", "1", "--promotion-z", "0",
             "--storage", str(db), "--study", "mf", "--no-plot", "--anchors", "0.4,1.0",
         ]
@@ -82,22 +82,22 @@ def test_search_screens_prunes_and_reports_only_full_fidelity(tmp_path):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert len(complete) == 7 and all(t.user_attrs["fidelity"] == "full" for t in complete)
-    assert all(t.user_attrs["fidelity"] == "screen-3" for t in pruned)
+    assert all(t.user_attrs["fidelity"] == "screen-4" for t in pruned)
     # Each decision, replayed: pruned exactly when an earlier screen strictly dominates the trial's own,
     # until the screening budget (as many pruned as the study's trials) is spent.
-    rule = Promotion(rungs=(3,), z=0.0)
+    rule = Promotion(rungs=(4,), z=0.0)
     assert pruned, "nothing was pruned: the test shows nothing"
     n_pruned = 0
     for t in trials:
         if "anchor_fraction" in t.user_attrs:
             assert t.state == TrialState.COMPLETE
             continue
-        earlier = [u.user_attrs["rung:screen-3"] for u in trials if u.number < t.number]
-        expected = n_pruned >= 7 or promote(t.user_attrs["rung:screen-3"], earlier, OBJ, rule)
+        earlier = [u.user_attrs["rung:screen-4"] for u in trials if u.number < t.number]
+        expected = n_pruned >= 7 or promote(t.user_attrs["rung:screen-4"], earlier, OBJ, rule)
         assert (t.state == TrialState.COMPLETE) == expected, t.number
         n_pruned += t.state == TrialState.PRUNED
     protocols = study.user_attrs["fidelity_protocols"]
-    full_fvd, screen_fvd = protocols["full"]["fvd"], protocols["screen-3"]["fvd"]
+    full_fvd, screen_fvd = protocols["full"]["fvd"], protocols["screen-4"]["fvd"]
     assert full_fvd != screen_fvd
     frame = Store(url).measurements_frame()
     fvd_rows = frame[(frame.metric == "fvd") & (frame.status == "ok")]
@@ -124,7 +124,7 @@ def test_two_postgres_workers_share_the_screening_pool(postgres_url):
 
     args = [
         sys.executable, "-m", "harness.search", "--objective", "latency", "--trials", "6",
-        "--searcher", "evolution", "--fvd-videos", "6", "--rungs", "3", "--real-videos", "16",
+        "--searcher", "evolution", "--fvd-videos", "8", "--rungs", "4", "--real-videos", "16",
         "--steps", "2", "--threads", "1", "--promotion-z", "0", "--anchors", "0.4",
         "--storage", postgres_url, "--study", "mf-shared", "--no-plot",
     ]  # fmt: skip
@@ -141,7 +141,7 @@ def test_two_postgres_workers_share_the_screening_pool(postgres_url):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert len(complete) == 6 and len(complete) + len(pruned) == len(trials)
-    screens = {t.number: t.user_attrs["rung:screen-3"] for t in trials}
+    screens = {t.number: t.user_attrs["rung:screen-4"] for t in trials}
     for t in pruned:
         v = np.array([screens[t.number][m] for m in OBJ])
         others = [np.array([s[m] for m in OBJ]) for n, s in screens.items() if n != t.number]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from harness.candidates import Candidate
 from harness.measurement.cost import CostMetric, FlopCount, Latency, ParamCount
 from harness.measurement.generation import Generation
-from harness.measurement.quality import FrechetQuality
+from harness.measurement.quality import FrechetQuality, GeneratedVideoCache
 from harness.measurement.recorder import Recorder, register_models
 from harness.measurement.settings import MeasureSettings
 from harness.models import ModelBundle
@@ -64,14 +64,18 @@ class Measurer:
         worker: str = "main",
         predictors: dict | None = None,
         extractor=None,
+        video_cache: GeneratedVideoCache | None = None,
     ):
         """``text_encoder``: the loaded encoder (``None`` when unconditional); ``predictors``: latency
         predictors by ``(family, resolution)`` for ``settings.latency == "predicted"``; ``extractor``:
-        the FVD feature extractor when the caller resolved it already."""
+        the FVD feature extractor when the caller resolved it already; ``video_cache``: generated videos
+        shared with measurers of other fidelities (a screen's videos are the full protocol's first ones)."""
         self.base, self.ssr, self.settings = base, ssr, settings
         self.generation = Generation(base, ssr, settings.steps, settings.guidance)
         self.cost = cost_metrics(self.generation, settings, predictors)
-        self.quality = FrechetQuality(self.generation, text_encoder, settings, extractor)
+        self.quality = FrechetQuality(
+            self.generation, text_encoder, settings, extractor, video_cache=video_cache
+        )
         self.device_name = self.cost["latency_ms"].device
         self.recorder = Recorder(
             store, register_models(store, base, ssr), worker, settings.seed, settings.claim_timeout_s

@@ -84,9 +84,10 @@ class Promotion:
 
 def parse_rungs(text: str, fvd_videos: int) -> tuple[int, ...]:
     """``--rungs``: comma-separated video counts, ``''`` for none, or ``auto``: one screen at a quarter
-    of the full protocol's videos (none below 8 videos, where a quarter no longer estimates anything)."""
+    of the full protocol's videos (none below 16 videos, where a quarter of them, under 4, no longer
+    estimates anything)."""
     if text.strip() == "auto":
-        return (fvd_videos // 4,) if fvd_videos >= 8 else ()
+        return (fvd_videos // 4,) if fvd_videos >= 16 else ()
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
