@@ -1,12 +1,14 @@
 """Fit and calibrate a latency predictor for one supernet family on this machine.
 
     python -m harness.predictor --family pixel-base --preset tiny --resolution 16 \\
-        --out results/latency/pixel-base-tiny-16.json [--checkpoint DIR] [--threads 1] [--fit 80] \\
-        [--holdout 30] [--clock wall|process]
+        --out results/latency/pixel-base-tiny-16.json [--checkpoint DIR] [--batch 2] [--threads 2] \\
+        [--fit 80] [--holdout 30]
 
 Times ``--fit + --holdout`` random subnets (see ``harness.metrics.latency_predictor``), fits on the first
 group, prints the calibration on the held-out group (MAPE, max error, Spearman) and writes the predictor
-JSON. ``--checkpoint`` is a ``Supernet.save_pretrained`` directory; without it an untrained supernet is
+JSON. The defaults are the measured latency's per-forward conditions (``python -m harness.search``'s
+defaults: batch 2 = the classifier-free-guidance pair, 2 threads, the preset's frames); the JSON records
+them and a search with ``--latency predicted`` refuses a predictor fitted under others. ``--checkpoint`` is a ``Supernet.save_pretrained`` directory; without it an untrained supernet is
 built (weights do not change latency). Without ``--out`` the JSON goes next to the checkpoint
 (``latency-<R>px.json``) or to ``results/latency/<family>-<preset>-<R>.json``.
 """
@@ -17,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.measurement.settings import MeasureSettings
+from harness.measurement.timing import MachineBusy
 from harness.metrics.latency_predictor import LatencyPredictor
 from search_spaces import Supernet, build_supernet, load_supernet
 
@@ -30,23 +34,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None, help="Supernet.save_pretrained directory")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the family's first)")
     p.add_argument("--frames", type=int, default=None, help="frames per video (default: the preset's)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--batch", type=int, default=2, help="batch per forward (2: the guidance pair the search times)"
+    )
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="intra-op threads (default 1: robust on a shared machine; use 2+ on a quiet one)",
+        default=MeasureSettings().threads,
+        help="intra-op threads (the search's --threads default)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--fit", type=int, default=80, help="subnets measured for fitting")
     p.add_argument("--holdout", type=int, default=30, help="held-out subnets for the calibration report")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per subnet")
-    p.add_argument("--min-run-time", type=float, default=0.3, help="seconds timed per subnet per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved readings per subnet")
     p.add_argument(
-        "--clock",
-        choices=("wall", "process"),
-        default="wall",
-        help="wall-clock latency, or CPU time of the process (contention-robust, CPU only)",
+        "--min-run-time", type=float, default=0.3, help="seconds timed per reading (3 timed rounds)"
+    )
+    p.add_argument(
+        "--clock", choices=("wall",), default="wall", help="wall-clock latency (what the search measures)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="predictor JSON path")
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MachineBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     path = predictor.save(_out_path(args, net, resolution))

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from harness.measurement.timing import TimingProtocol
 from harness.metrics.latency import LatencyResult, device_description, measure_latency
 from harness.metrics.latency_predictor import LatencyPredictor, calibration_report, fit_nnls, subnet_features
 from harness.predictor import format_report, main
@@ -91,15 +92,18 @@ def test_subnet_features_grow_with_size(tiny_nets):
 
 @pytest.fixture(scope="module")
 def predictor(tiny_nets):
+    # Readings of ~5 ms forwards in 3 one-call rounds: a wide spread limit and a short back-off, so the
+    # fixture stays fast on a shared machine (the limits' defaults are for the search's forwards).
+    timing = TimingProtocol(rounds=3, round_s=0.004, max_spread=1.0, backoff_s=0.05)
     return LatencyPredictor.fit(
         tiny_nets["pixel-base"],
         frames=FRAMES,
         n_fit=12,
         n_holdout=6,
         threads=1,
-        min_run_time=0.01,
         rounds=4,
         progress=False,
+        timing=timing,
     )
 
 
@@ -115,8 +119,10 @@ def test_fit_reports_calibration_and_provenance(predictor):
         "split_spearman",
     } <= set(cal)
     sizes = (prov["family"], prov["preset"], prov["frames"], prov["batch"])
-    assert sizes == ("pixel-base", "tiny", FRAMES, 1)
+    assert sizes == ("pixel-base", "tiny", FRAMES, 2)  # default batch: the guidance pair, as measured
     assert prov["n_fit"] == 12 and prov["threads"] == 1 and prov["device_name"]
+    assert prov["timing"]["rounds"] == 3 and prov["clock"] == "wall"
+    assert 0 < predictor.relative_error() < 10
     assert all(w >= 0 for w in predictor.weights.values()) and predictor.intercept_ms >= 0
     assert "MAPE" in format_report(predictor)
 
@@ -148,6 +154,19 @@ def test_load_rejects_other_json(tmp_path):
     path.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a latency predictor"):
         LatencyPredictor.load(path)
+
+
+def test_cli_defaults_are_the_measured_conditions():
+    from harness.measurement import MeasureSettings
+    from harness.predictor import _parser
+
+    args = _parser().parse_args([])
+    assert (args.batch, args.threads, args.frames) == (2, MeasureSettings().threads, None)
+
+
+def test_fit_refuses_the_process_clock(tiny_nets):
+    with pytest.raises(ValueError, match="clock must be 'wall'"):
+        LatencyPredictor.fit(tiny_nets["pixel-base"], clock="process", progress=False)
 
 
 def test_cli_rejects_unknown_resolution(capsys):

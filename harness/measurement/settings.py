@@ -9,7 +9,30 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from harness.measurement.timing import ESTIMATORS, TimingProtocol
+
 LATENCY_MODES = ("measured", "predicted")
+_T = TimingProtocol  # its class attributes are its fields' defaults
+
+
+def check_device(device: str) -> None:
+    """Raise a one-line ``ValueError`` unless torch can run on ``device`` here (before anything is written)."""
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {device!r}; use cpu or cuda (cuda:N for the N-th GPU)") from None
+    if kind.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported --device {device!r}; use cpu or cuda (cuda:N for the N-th GPU)")
+    if kind.type == "cuda":
+        count = torch.cuda.device_count()  # 0 without a driver; never initialises CUDA
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA device on this machine; use --device cpu")
+        if kind.index is not None and kind.index >= count:
+            raise ValueError(
+                f"--device {device}: this machine has {count} CUDA device(s); use cuda:0..{count - 1}"
+            )
 
 
 @dataclass(frozen=True)
@@ -27,21 +50,53 @@ class MeasureSettings:
     threads: int = 2
     device: str = "cpu"
     seed: int = 0
-    min_run_time: float = 0.25  # seconds per latency measurement
+    # Latency readings (harness.measurement.timing; defaults and their measurements in TimingProtocol).
+    # Screen readings: dataclasses.replace(settings, min_run_time=0.15, latency_rounds=3).
+    min_run_time: float = _T.rounds * _T.round_s  # seconds timed per reading, in latency_rounds rounds
+    latency_rounds: int = _T.rounds
+    latency_estimator: str = _T.estimator
+    latency_max_spread: float = _T.max_spread
+    latency_probe_tolerance: float = _T.probe_tolerance
+    latency_other_cpu: float = _T.other_cpu
+    latency_retries: int = _T.retries
+    latency_backoff_s: float = _T.backoff_s
+    latency_se_floor: float = _T.se_floor
+    rerun: int = 0  # > 0: latency timed again under protocol ":rerun<k>" instead of read back (contract 4)
     claim_timeout_s: float = 1800.0  # a claim older than this is taken over (its worker is presumed dead)
 
     def __post_init__(self) -> None:
         for name, value, least in (
             ("--steps", self.steps, 1),
             ("--threads", self.threads, 1),
-            ("--fvd-videos", self.fvd_videos, 2),
+            ("--fvd-videos", self.fvd_videos, 3),  # the jackknife SE leaves one out of at least 3
             ("--real-videos", self.real_videos, 2),
             ("--fvd-repeats", self.fvd_repeats, 1),
         ):
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}")
+        check_device(self.device)
         if self.latency not in LATENCY_MODES:
             raise ValueError(f"unknown latency mode {self.latency!r}; use one of {', '.join(LATENCY_MODES)}")
+        if self.rerun < 0:
+            raise ValueError(f"--rerun must be at least 0, got {self.rerun}")
+        if not self.min_run_time > 0:
+            raise ValueError(f"--latency-time must be positive, got {self.min_run_time}")
+        _ = self.timing  # validates the latency reading's settings (one line naming the option)
+
+    @property
+    def timing(self) -> TimingProtocol:
+        """How a latency reading is taken and accepted."""
+        return TimingProtocol(
+            rounds=self.latency_rounds,
+            round_s=self.min_run_time / max(1, self.latency_rounds),
+            estimator=self.latency_estimator,
+            max_spread=self.latency_max_spread,
+            probe_tolerance=self.latency_probe_tolerance,
+            other_cpu=self.latency_other_cpu,
+            retries=self.latency_retries,
+            backoff_s=self.latency_backoff_s,
+            se_floor=self.latency_se_floor,
+        )
 
 
 def add_measure_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -56,6 +111,46 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
         choices=LATENCY_MODES,
         default=d.latency,
         help="latency of the extracted static subnet, or the predictor's estimate",
+    )
+    g.add_argument(
+        "--rerun",
+        type=int,
+        default=d.rerun,
+        help="re-measure latency as a new reading (protocol ':rerun<k>') instead of reading it back",
+    )
+    t = parser.add_argument_group("latency reading (see harness.measurement.timing)")
+    t.add_argument("--latency-time", type=float, default=d.min_run_time, help="seconds timed per reading")
+    t.add_argument("--latency-rounds", type=int, default=d.latency_rounds, help="timed rounds per reading")
+    t.add_argument(
+        "--latency-estimator", choices=ESTIMATORS, default=d.latency_estimator, help="estimator over rounds"
+    )
+    t.add_argument(
+        "--latency-max-spread",
+        type=float,
+        default=d.latency_max_spread,
+        help="retry a reading whose rounds' (max - min) / value is above this",
+    )
+    t.add_argument(
+        "--latency-probe-tolerance",
+        type=float,
+        default=d.latency_probe_tolerance,
+        help="retry when the reference forward is this much slower than its quiet time",
+    )
+    t.add_argument(
+        "--latency-other-cpu",
+        type=float,
+        default=d.latency_other_cpu,
+        help="retry when other processes used more cores than this during a reading (Linux)",
+    )
+    t.add_argument("--latency-retries", type=int, default=d.latency_retries, help="retries before giving up")
+    t.add_argument(
+        "--latency-backoff", type=float, default=d.latency_backoff_s, help="seconds before a retry (doubling)"
+    )
+    t.add_argument(
+        "--latency-se-floor",
+        type=float,
+        default=d.latency_se_floor,
+        help="relative standard error between fresh readings on this machine",
     )
     g.add_argument("--steps", type=int, default=d.steps, help="DDIM steps per stage when generating")
     g.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
@@ -103,5 +198,15 @@ def settings_from_args(args: argparse.Namespace, shared_storage: bool = False) -
         threads=args.threads,
         device=args.device,
         seed=args.seed,
+        min_run_time=args.latency_time,
+        latency_rounds=args.latency_rounds,
+        latency_estimator=args.latency_estimator,
+        latency_max_spread=args.latency_max_spread,
+        latency_probe_tolerance=args.latency_probe_tolerance,
+        latency_other_cpu=args.latency_other_cpu,
+        latency_retries=args.latency_retries,
+        latency_backoff_s=args.latency_backoff,
+        latency_se_floor=args.latency_se_floor,
+        rerun=args.rerun,
         claim_timeout_s=1800.0 if shared_storage else 0.0,
     )

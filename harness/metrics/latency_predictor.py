@@ -15,9 +15,12 @@ Protocol (``LatencyPredictor.fit``): ``n_fit + n_holdout`` distinct subnets are 
 ``space.sample(rng, min_ratio=m, min_keep=k)`` where ``m`` and ``k`` are drawn per subnet from the ratio set
 and ``[0, 1]``, so the draws span the space from the smallest to the largest subnets (plain uniform
 per-layer draws concentrate near the middle of the range); the smallest and the largest valid subnet
-join the fit set. Each subnet is extracted and timed with ``measure_latency`` in ``rounds`` interleaved
-rounds (shuffled order, fit and held-out subnets mixed, so load drift hits both alike); its latency is
-the median over rounds of the per-round medians. The held-out subnets never enter the fit;
+join the fit set. Each subnet is extracted and timed in ``rounds`` interleaved rounds (shuffled order, fit
+and held-out subnets mixed, so load drift hits both alike), each a clean robust reading of the measured
+latency metric (``harness.measurement.timing``: contention-probed, retried); its latency is the median
+over rounds. Fitting runs under the measured metric's per-forward conditions (batch 2 = the guidance
+pair, threads 2, the preset's frames), recorded in ``provenance`` and checked by the metric
+(``check_predictor_conditions``). The held-out subnets never enter the fit;
 ``calibration_report`` gives MAPE, max error and Spearman rank correlation on them, and, as the noise
 floor those figures sit on, the same figures for round 1 against round 0 of the held-out timings
 (``repeat_*``: how well one measurement predicts a repeat of itself; ``split_*``: the median of the even
@@ -26,10 +29,11 @@ rounds against that of the odd ones, the floor of the aggregate) and the mean sp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,8 +42,11 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from harness.metrics._cost_trace import FEATURES, forward_features
-from harness.metrics.latency import device_description, measure_latency
+from harness.metrics.latency import device_description
 from search_spaces import ConfigError, SubnetConfig, Supernet, VideoUNet, make_dummy_inputs
+
+if TYPE_CHECKING:  # harness.measurement imports this module (the predicted Latency metric)
+    from harness.measurement.timing import TimingProtocol
 
 FORMAT = "sned-latency-predictor/1"
 _CACHE_SIZE = 4096
@@ -123,33 +130,62 @@ def _measure_all(
     batch: int,
     device: torch.device,
     threads: int,
-    min_run_time: float,
+    timing: TimingProtocol,
     rounds: int,
-    clock: str,
     rng: np.random.Generator,
     progress: bool,
 ) -> np.ndarray:
-    """Latency ``(rounds, len(cfgs))`` in ms: per round, every subnet once, in a shuffled order."""
+    """Latency ``(rounds, len(cfgs))`` in ms: per round, every subnet once in a shuffled order, each a
+    clean robust reading (``harness.measurement.timing``, the measured metric's reading, with its
+    contention probe on the smallest subnet). A reading the machine was too busy for is requeued at the
+    end of its round; more than ``len(cfgs)`` requeues in a round raise ``MachineBusy``."""
+    from harness.measurement.timing import MachineBusy, probe_for, robust_reading
+
+    def make_reference():
+        ref = net.extract(net.space.smallest(cfgs[0].resolution)).to(device).eval()
+        ref_inputs = make_dummy_inputs(ref.spec, cfgs[0].resolution, frames, batch, seed=0, device=device)
+        return lambda: ref(**ref_inputs)
+
+    key = (net.family, net.preset, cfgs[0].resolution, batch, frames, str(device), threads)
+    probe = probe_for(key, make_reference, device)
     times = np.zeros((rounds, len(cfgs)))
     with tqdm(total=rounds * len(cfgs), desc="latency", unit="subnet", disable=not progress) as bar:
         for r in range(rounds):
-            for i in rng.permutation(len(cfgs)):
-                static = net.extract(cfgs[i]).to(device)
+            queue, requeued = list(rng.permutation(len(cfgs))), 0
+            while queue:
+                i = queue.pop(0)
+                static = net.extract(cfgs[i]).to(device).eval()
                 inputs = make_dummy_inputs(
                     static.spec, cfgs[i].resolution, frames, batch, seed=0, device=device
                 )
-                result = measure_latency(
-                    static,
-                    inputs,
-                    device=device,
-                    threads=threads,
-                    min_run_time=min_run_time,
-                    warmup=2,
-                    clock=clock,
-                )
-                times[r, i] = result.median_ms
+                try:
+                    fn = lambda static=static, inputs=inputs: static(**inputs)
+                    reading = robust_reading(fn, probe, timing, threads, device)
+                except MachineBusy:
+                    requeued += 1
+                    if requeued > len(cfgs):
+                        raise
+                    queue.append(i)
+                    continue
+                times[r, i] = reading.value_ms
                 bar.update(1)
     return times
+
+
+def check_predictor_conditions(predictor: LatencyPredictor, conditions: dict[str, Any]) -> None:
+    """Refuse a predictor fitted under other per-forward conditions (batch, threads, frames, device,
+    dtype) than the latency it stands in for; one line naming the difference and the refit command."""
+    prov = predictor.provenance
+    differ = {k: (prov.get(k), v) for k, v in conditions.items() if prov.get(k) != v}
+    if differ:
+        fitted = ", ".join(f"{k} {a}" for k, (a, _) in differ.items())
+        wanted = ", ".join(f"{k} {b}" for k, (_, b) in differ.items())
+        flags = " ".join(f"--{k} {b}" for k, (_, b) in differ.items() if k in ("batch", "threads", "frames"))
+        raise ValueError(
+            f"latency predictor for {prov.get('family')} at {prov.get('resolution')}px was fitted at "
+            f"{fitted}, but latency is measured at {wanted}: refit it with python -m harness.predictor "
+            f"--resolution {prov.get('resolution')} {flags}".rstrip()
+        )
 
 
 class LatencyPredictor:
@@ -202,6 +238,14 @@ class LatencyPredictor:
             self._cache[cfg.key] = self.predict_features(features)
         return self._cache[cfg.key]
 
+    def relative_error(self) -> float:
+        """Relative standard error of a prediction as an estimate of a measurement: the root mean square
+        relative error on the held-out subnets (the calibration's MAPE for a file without them)."""
+        rel = [(h["predicted_ms"] - h["measured_ms"]) / h["measured_ms"] for h in self.holdout]
+        if rel:
+            return float(np.sqrt(np.mean(np.square(rel))))
+        return float(self.calibration.get("mape_pct", 0.0)) / 100
+
     # -- fitting -------------------------------------------------------------------------------------
     @classmethod
     def fit(
@@ -209,28 +253,30 @@ class LatencyPredictor:
         net: Supernet,
         resolution: int | None = None,
         frames: int | None = None,
-        batch: int = 1,
+        batch: int = 2,
         n_fit: int = 80,
         n_holdout: int = 30,
-        threads: int = 1,
+        threads: int = 2,
         seed: int = 0,
         min_run_time: float = 0.3,
         rounds: int = 5,
         clock: str = "wall",
         device: str | torch.device = "cpu",
         progress: bool = True,
+        timing: TimingProtocol | None = None,
     ) -> LatencyPredictor:
         """Measure ``n_fit + n_holdout`` subnets, fit on the first ``n_fit``, report on the rest.
 
-        ``resolution`` / ``frames``: ``None`` = the supernet's default resolution / training frames.
-        ``threads``: intra-op threads for timing. The default is 1: on a shared, oversubscribed machine a
-        multi-threaded forward waits on the scheduler at every parallel region (here, with other jobs
-        running, a ~40 ms forward took 3-12 s at 2 threads); fit with more threads on a quiet machine.
-        ``min_run_time`` (s): timed duration per subnet per round. Rounds and run time are set by the noise
-        floor: on the 2-core CI machine one 0.1 s reading repeats only to ~14% (Spearman ~0.7 between two
-        rounds), so 3 x 0.1 s left the held-out Spearman at 0.94; 5 x 0.3 s brings it above 0.95.
-        ``clock``: ``"wall"`` or ``"process"`` (CPU time; see ``measure_latency``). Weights do not change
-        latency, so an untrained supernet is as good as a trained one.
+        Defaults are the measured metric's per-forward conditions (``harness.measurement.cost.Latency``
+        under ``MeasureSettings``' defaults): ``batch`` 2 (the classifier-free-guidance pair), ``threads``
+        2, ``frames`` the supernet's; the provenance records them and ``Latency`` refuses a predictor
+        fitted under others. ``resolution`` / ``frames``: ``None`` = the supernet's default resolution /
+        training frames. Every (round, subnet) timing is a clean robust reading
+        (``harness.measurement.timing``) of ``timing`` (default: 3 rounds of ``min_run_time / 3`` s,
+        ``MeasureSettings``' acceptance limits); ``rounds`` such readings per subnet, interleaved over the
+        subnets in shuffled orders, give its latency as their median. ``clock`` must be ``"wall"``:
+        measured latency is wall-clock time. Weights do not change latency, so an untrained supernet is as
+        good as a trained one.
         """
         resolution = resolution or net.space.default_resolution
         frames = frames or net.hyper.frames
@@ -238,12 +284,16 @@ class LatencyPredictor:
             raise ValueError(
                 f"need threads >= 1, n_fit >= {len(FEATURES) + 1}, n_holdout >= 3, rounds >= 1, batch >= 1"
             )
+        if clock != "wall":
+            raise ValueError(f"clock must be 'wall' (measured latency is wall-clock time), got {clock!r}")
+        if timing is None:
+            from harness.measurement.settings import MeasureSettings
+
+            timing = dataclasses.replace(MeasureSettings().timing, rounds=3, round_s=min_run_time / 3)
         rng = np.random.default_rng(seed)
         cfgs = _draw_subnets(net, resolution, n_fit + n_holdout, rng)
         device = torch.device(device)
-        times = _measure_all(
-            net, cfgs, frames, batch, device, threads, min_run_time, rounds, clock, rng, progress
-        )
+        times = _measure_all(net, cfgs, frames, batch, device, threads, timing, rounds, rng, progress)
         latency = np.median(times, axis=0)
         traced = [subnet_features(net, c, frames, batch) for c in cfgs]
         features = np.array([[f[name] for name in FEATURES] for f in traced])  # (n_fit + n_holdout, k)
@@ -263,9 +313,10 @@ class LatencyPredictor:
             "n_holdout": n_holdout,
             "seed": seed,
             "rounds": rounds,
-            "min_run_time_s": min_run_time,
+            "min_run_time_s": timing.rounds * timing.round_s,
             "clock": clock,
-            "latency_statistic": "median over rounds of the per-round median",
+            "timing": dataclasses.asdict(timing),
+            "latency_statistic": f"median over rounds of a robust reading ({timing.name})",
             "model": "nnls on relative residuals: intercept + weights . features",
         }
         predictor = cls(intercept, dict(zip(FEATURES, weights.tolist())), provenance)
