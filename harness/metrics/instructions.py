@@ -97,19 +97,18 @@ def forward_instructions(
     cfg = net.space.validate(subnet)
     frames = frames or net.hyper.frames
     resolution = resolution or cfg.resolution
-    timer = Timer(
-        stmt="static(**inputs)",
-        setup=_SETUP,
-        globals={
-            "family": family,
-            "preset": preset,
-            "subnet_json": cfg.to_json(),
-            "batch": int(batch),
-            "frames": int(frames),
-            "resolution": int(resolution),
-        },
-        num_threads=1,
-    )
+    # Callgrind runs the setup in a fresh interpreter and accepts only wrapped globals, so the values
+    # travel as literals in the setup code.
+    values = {
+        "family": family,
+        "preset": preset,
+        "subnet_json": cfg.to_json(),
+        "batch": int(batch),
+        "frames": int(frames),
+        "resolution": int(resolution),
+    }
+    literals = "".join(f"{name} = {value!r}\n" for name, value in values.items())
+    timer = Timer(stmt="static(**inputs)", setup=literals + _SETUP, num_threads=1)
     stats = timer.collect_callgrind(number=1, repeats=repeats, collect_baseline=False)
     stats = stats if isinstance(stats, tuple) else (stats,)
     counts = [int(s.counts(denoise=True)) for s in stats]
