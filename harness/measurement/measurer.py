@@ -21,9 +21,7 @@ def cost_metrics(
     generation: Generation, settings: MeasureSettings, predictors: dict | None = None
 ) -> dict[str, CostMetric]:
     """The cost metrics of ``generation`` under ``settings``, by metric name."""
-    latency = Latency(
-        generation, settings.latency, settings.threads, settings.device, settings.min_run_time, predictors
-    )
+    latency = Latency.from_settings(generation, settings, predictors)
     return {"params": ParamCount(generation), "flops": FlopCount(generation), "latency_ms": latency}
 
 
