@@ -35,11 +35,12 @@ BASELINES = RESULTS / "baselines" / "bench.json"
 MOTION_FLOOR = {"largest": 0.75, "p40": 0.5}  # fraction of 16 videos; the shipped base scores 1.0 on both
 GROUPS = ("counts", "latency", "training", "quality", "instructions")
 DEFAULT_GROUPS = GROUPS[:-1]  # instruction counts take minutes under valgrind: --only instructions
-# Latency repeatability gates (two interleaved rounds of robust readings, 12 random subnets; measured on
-# the 2-core machine: Spearman 0.97-0.99 and median difference 2-3 % while other jobs ran; one
-# measure_latency(0.25 s) reading each: Spearman 0.57-0.9, difference 5-12 %).
-REPEAT_SPEARMAN_FLOOR = 0.9
-REPEAT_DIFF_CEILING = 0.06
+# Latency repeatability gates (two interleaved rounds of robust readings, 12 random subnets). Measured on
+# the 2-core machine: this group once gave Spearman 0.937 and a median difference of 4.1 % (one
+# measure_latency(0.25 s) reading each: 0.860 and 8.1 %); helper measurements of 9 pairs of readings
+# gave Spearman median 0.964 and worst 0.891. The floors leave room for that spread.
+REPEAT_SPEARMAN_FLOOR = 0.85
+REPEAT_DIFF_CEILING = 0.08
 
 
 # -- figures -----------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from harness.searchers import Searcher
 from harness.searchers.promotion import Promotion, promote, pruned_count, rung_attr, rung_pool
 from harness.store import Store
 
-MAX_DEFERRED_IN_A_ROW = 5
+MAX_DEFERRED_IN_A_ROW = 10  # each put-off already retried a reading 4 times with back-off
 
 
 def used_trials(study: optuna.Study) -> int:
