@@ -80,10 +80,10 @@ def main(argv=None) -> None:
         chain.ssr_subnets = {
             r: ssr.supernet.space.validate(cfg.replace(resolution=r)) for r in chain.stages(resolution)[1:]
         }
-    torch.set_grad_enabled(False)
-    video = generate(
-        chain, prompts, resolution, steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True
-    )
+    with torch.no_grad():
+        video = generate(
+            chain, prompts, resolution, steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True
+        )
     out = save_gif(video, args.out)
     grid = save_frame_grid(video, Path(args.out).with_suffix(".png"))
     print(f"wrote {out} and {grid}: {tuple(video.shape)} (B, C, T, H, W)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from harness.metrics.instructions import forward_instructions, valgrind_version
 from search_spaces import build_supernet
@@ -25,6 +26,7 @@ def test_forward_instruction_count_repeats_exactly_enough_to_gate():
     count = forward_instructions("pixel-base", "tiny", net.space.smallest(), batch=2, frames=4, repeats=2)
     a, b = count.repeats
     assert count.count > 10_000_000  # a UNet forward, not an empty statement
-    assert abs(a - b) <= 0.001 * max(a, b)  # the bench gates at 0.5 %
+    assert abs(a - b) <= 0.005 * max(a, b)  # the bench gates at 0.5 %; two repeats differed by 0.02-0.15 %
+    assert torch.is_grad_enabled()  # counting left this process's autograd as it found it
     assert (count.batch, count.frames, count.threads, count.subnet) == (2, 4, 1, net.space.smallest().key)
     assert count.valgrind_version.startswith("valgrind")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from harness.candidates import Candidate
 from harness.measurement.cost import CostMetric, FlopCount, Latency, ParamCount
 from harness.measurement.generation import Generation
+from harness.measurement.host_lock import host_timing_lock
 from harness.measurement.quality import FrechetQuality, GeneratedVideoCache
 from harness.measurement.recorder import Recorder, register_models
 from harness.measurement.settings import MeasureSettings
@@ -104,7 +105,19 @@ class Measurer:
                     list(metric.metrics),
                     metric.protocol(cand),
                     metric.device,
-                    lambda metric=metric: metric.compute(cand),
+                    lambda metric=metric: self._compute(metric, cand),
                 )
             )
         return values
+
+    def _compute(self, metric, cand: Candidate):
+        """``metric.compute(cand)`` in its turn on this host (``harness.measurement.host_lock``): a timed
+        reading alone, other heavy work beside other workers' work. Only the computation holds the lock,
+        never the wait for another worker's claim (which could wait on this very reading)."""
+        if metric is self.cost["params"] or (
+            metric is self.cost["latency_ms"] and metric.mode == "predicted"
+        ):
+            return metric.compute(cand)
+        lock = host_timing_lock()
+        with lock.timing() if metric is self.cost["latency_ms"] else lock.working():
+            return metric.compute(cand)

@@ -4,7 +4,7 @@ For CI regression gates where wall-clock timing cannot be trusted (a shared 2-co
 by 10 % between processes and by 2-200x under contention), the instruction count of one forward of a
 static subnet is counted by valgrind's Callgrind through ``torch.utils.benchmark.Timer.collect_callgrind``
 (one thread; CPython's reference-counting noise removed with ``counts(denoise=True)``). Two repeats in one
-run agreed to 0.02 % here; the count changes when the forward's code does (an extra op, another kernel),
+run agreed to 0.02–0.15 % here; the count changes when the forward's code does (an extra op, another kernel),
 not when the machine is busy.
 
 Optional for users: it needs ``valgrind`` on the PATH (Debian/Ubuntu: ``apt-get install -y valgrind``);
@@ -109,7 +109,13 @@ def forward_instructions(
     }
     literals = "".join(f"{name} = {value!r}\n" for name, value in values.items())
     timer = Timer(stmt="static(**inputs)", setup=literals + _SETUP, num_threads=1)
-    stats = timer.collect_callgrind(number=1, repeats=repeats, collect_baseline=False)
+    # collect_callgrind first runs the setup in this process to check it, and the setup turns autograd off:
+    # the caller's grad mode is put back so a count leaves no trace on later training in the same process.
+    grad_enabled = torch.is_grad_enabled()
+    try:
+        stats = timer.collect_callgrind(number=1, repeats=repeats, collect_baseline=False)
+    finally:
+        torch.set_grad_enabled(grad_enabled)
     stats = stats if isinstance(stats, tuple) else (stats,)
     counts = [int(s.counts(denoise=True)) for s in stats]
     return InstructionCount(
