@@ -82,7 +82,13 @@ def main(argv=None) -> None:
         }
     with torch.no_grad():
         video = generate(
-            chain, prompts, resolution, steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True
+            chain,
+            prompts,
+            resolution,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            progress=True,
         )
     out = save_gif(video, args.out)
     grid = save_frame_grid(video, Path(args.out).with_suffix(".png"))

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import socket
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,12 +36,16 @@ from harness.paths import DEFAULT_STORAGE
 from harness.report import report_front, study_results
 from harness.searchers import SEARCHERS, make_searcher, study_sampler
 from harness.searchers.encoding import CandidateEncoding
+from harness.searchers.optuna_searcher import worker_seed
 from harness.searchers.promotion import RULES, Promotion, parse_rungs
 from harness.searchers.runner import (
+    MAX_BUSY_S,
+    STALE_AFTER_S,
     SearchRun,
     anchor_candidates,
     default_study_name,
     open_study,
+    requeue_trial,
     run_search,
 )
 from harness.store import Store, optuna_storage, redact_url, validate_storage_url
@@ -76,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="study name (resumed when it exists)")
     p.add_argument("--no-plot", action="store_true", help="skip writing the front's plot")
     p.add_argument(
+        "--busy-timeout",
+        type=float,
+        default=MAX_BUSY_S,
+        help="seconds the machine may stay too busy for a clean latency reading (put-offs are waited "
+        f"out with a growing back-off) before the search stops (default {MAX_BUSY_S:g})",
+    )
+    p.add_argument(
+        "--stale-after",
+        type=int,
+        default=STALE_AFTER_S,
+        help="shared storage: seconds without a heartbeat before a worker's trial counts as dead and its "
+        f"candidate is measured by another worker (default {STALE_AFTER_S})",
+    )
+    p.add_argument(
         "--anchors",
         default="0.4,0.6,0.8,1.0",
         help="parameter fractions whose balanced subnets a new study evaluates first (the "
@@ -109,9 +127,15 @@ def main(argv=None) -> None:
         raise ValueError(f"unknown searcher '{args.searcher}' (choose from {', '.join(SEARCHERS)})")
     if args.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
+    if args.stale_after < 6:
+        raise ValueError(
+            f"--stale-after must be at least 6 seconds (heartbeats every sixth), got {args.stale_after}"
+        )
     url = validate_storage_url(args.storage)
     shared = not url.startswith("sqlite")
     settings = settings_from_args(args, shared_storage=shared)
+    if shared:  # a claim is refreshed while measured: one not refreshed for --stale-after is a dead worker's
+        settings = replace(settings, claim_timeout_s=float(args.stale_after))
     promotion = Promotion(
         parse_rungs(args.rungs, settings.fvd_videos), args.promotion, args.eta, args.promotion_z
     )
@@ -160,7 +184,10 @@ def main(argv=None) -> None:
     )
     with store.exclusive("optuna-schema"):  # RDBStorage creates Optuna's tables: workers must not race
         storage = optuna_storage(
-            url, heartbeat_interval=10 if shared else None, grace_period=60 if shared else None
+            url,
+            heartbeat_interval=max(1, args.stale_after // 6) if shared else None,
+            grace_period=args.stale_after if shared else None,
+            heartbeat_stale_trial_callback=requeue_trial if shared else None,  # a dead worker's candidate
         )
     probe = anchors[0][1] if anchors else smallest
     attrs = json.loads(  # as the study stores them (tuples become lists), so a resume compares equal
@@ -172,6 +199,7 @@ def main(argv=None) -> None:
                 **({"ssr_checkpoint": str(Path(args.ssr_checkpoint).resolve())} if ssr else {}),
                 "settings": asdict(settings),
                 "promotion": asdict(promotion),
+                "limits": {m: lim for m, lim in limits.items() if lim is not None},
                 "fidelity_protocols": {
                     "full": measurer.protocols(probe),
                     **{rung: m.protocols(probe) for rung, m in screens.items()},
@@ -187,8 +215,8 @@ def main(argv=None) -> None:
         name,
         objectives,
         study_sampler(args.searcher, args.seed),
-        lambda study: make_searcher(
-            args.searcher, study, encoding, spaces, args.seed, objectives, constrained
+        lambda study, worker: make_searcher(
+            args.searcher, study, encoding, spaces, worker_seed(args.seed, worker), objectives, constrained
         ),
         anchors,
         attrs,
@@ -205,7 +233,8 @@ def main(argv=None) -> None:
         measurer,
         objectives,
         args.trials,
-        constraints=lambda values: [values[m] - lim for m, lim in limits.items() if lim is not None],
+        limits={m: lim for m, lim in limits.items() if lim is not None},
+        max_busy_s=args.busy_timeout,
         screens=screens,
         promotion=promotion,
         anchors={cand.key: fraction for fraction, cand in anchors},

@@ -1,10 +1,17 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The suite's latency readings calibrate their own scale (harness.measurement.calibration), shared by the
+# session's processes and never by the user's searches on this machine.
+os.environ.setdefault(
+    "SNED_LATENCY_CALIBRATION",
+    os.path.join(tempfile.mkdtemp(prefix="sned-tests-"), "latency-calibration.json"),
+)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -334,3 +334,23 @@ def test_requeued_candidate_is_asked_next(name, base_encoding, nets):
     again, handle = searcher.ask()
     assert again.key == cand.key
     searcher.tell(handle, objective(again, nets))
+
+
+@pytest.mark.parametrize("name", SEARCHERS)
+def test_workers_joining_one_study_propose_different_candidates(name, base_encoding, nets):
+    """Two workers of one study (``open_study`` numbers them; ``worker_seed`` seeds them) asking at the
+    same time, as parallel processes do: with one seed they would propose the same candidates."""
+    from harness.searchers.optuna_searcher import worker_seed
+
+    storage = optuna.storages.InMemoryStorage()
+    study = new_study(name, 0, storage)
+    joined = optuna.load_study(study_name=study.study_name, storage=storage, sampler=study_sampler(name, 0))
+    workers = [new_searcher(name, s, base_encoding, worker_seed(0, w)) for w, s in enumerate((study, joined))]
+    asked: list[list[str]] = [[], []]
+    for _ in range(3):
+        handles = [w.ask() for w in workers]  # both RUNNING at once
+        for i, (w, (cand, handle)) in enumerate(zip(workers, handles)):
+            asked[i].append(cand.key)
+            w.tell(handle, objective(cand, nets))
+    assert not set(asked[0]) & set(asked[1]), asked
+    assert worker_seed(7, 0) == 7 and worker_seed(7, 1) != worker_seed(7, 2)

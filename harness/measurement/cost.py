@@ -9,11 +9,15 @@ the once-per-video work.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 
 from harness.candidates import Candidate
 from harness.measurement.generation import Generation
+from harness.measurement.predictors import predictor_identity
 from harness.measurement.recorder import Computed, MeasurementFailed, MetricGroup
 from harness.measurement.settings import MeasureSettings
 from harness.measurement.timing import Probe, Reading, TimingProtocol, probe_for, robust_reading
@@ -31,6 +35,9 @@ class ParamCount(CostMetric):
     """Exact parameters of the candidate's subnets (base + SSR)."""
 
     metrics, device = ("params",), ANY_DEVICE
+    versions: ClassVar[Mapping[str, int]] = {
+        "params": 1
+    }  # MetricGroup.versions: bump when the count changes meaning
 
     def __init__(self, generation: Generation):
         self.generation = generation
@@ -47,12 +54,19 @@ class FlopCount(CostMetric):
     """fvcore FLOPs of one generated video (1 multiply-add = 1 FLOP)."""
 
     metrics, device = ("flops",), ANY_DEVICE
+    versions: ClassVar[Mapping[str, int]] = {
+        "flops": 1
+    }  # MetricGroup.versions: bump when the count changes meaning
 
     def __init__(self, generation: Generation):
         self.generation = generation
 
     def protocol(self, cand: Candidate) -> str:
         return f"fvcore:gen:{self.generation.suffix(cand)}"
+
+    def identity(self, cand: Candidate) -> dict[str, Any]:
+        """The versions and fvcore's: its op handles decide what a FLOP of each operator is."""
+        return {**super().identity(cand), "fvcore": _distribution_version("fvcore")}
 
     def compute(self, cand: Candidate) -> Computed:
         g = self.generation
@@ -81,6 +95,9 @@ class Latency(CostMetric):
     device, dtype), checked when the metric is built."""
 
     metrics = ("latency_ms",)
+    versions: ClassVar[Mapping[str, int]] = {
+        "latency_ms": 1
+    }  # MetricGroup.versions: bump when the reading's meaning changes
 
     def __init__(
         self,
@@ -141,6 +158,23 @@ class Latency(CostMetric):
         rerun = f":rerun{self.rerun}" if self.rerun > 0 else ""
         return f"gen:{g.suffix(cand)}:b1:threads{self.threads}:{kind}{rerun}"
 
+    def identity(self, cand: Candidate) -> dict[str, Any]:
+        """The versions and, when predicted, each stage's predictor: its content hash and the device it
+        was fitted on (a predicted value depends on them, not on the machine that computes it); a stage
+        without a predictor is named with None (its measurement fails)."""
+        out = super().identity(cand)
+        if self.mode == "predicted":
+            stages = {(s.supernet.family, s.resolution) for s in self.generation.denoisers(cand)}
+            out["predictors"] = {
+                f"{family}@{resolution}px": (
+                    predictor_identity(self.predictors[(family, resolution)])
+                    if (family, resolution) in self.predictors
+                    else None
+                )
+                for family, resolution in sorted(stages)
+            }
+        return out
+
     def _probe(self, supernet, resolution: int, batch: int) -> Probe:
         """This process's contention probe for a stage: the supernet's smallest subnet on the stage's
         inputs, timed around every reading (one per family, size and thread count)."""
@@ -152,7 +186,8 @@ class Latency(CostMetric):
             inputs = _on(self.generation.stage_inputs(ref, resolution, batch), self.target)
             return lambda: ref(**inputs)
 
-        return probe_for(key, make, torch.device(self.target))
+        calibration = f"{self.device}|torch {torch.__version__}|" + "|".join(map(str, key))
+        return probe_for(key, make, torch.device(self.target), calibration)
 
     def _read(self, fn, probe: Probe) -> Reading:
         return robust_reading(fn, probe, self.timing, self.threads, self.target)
@@ -224,6 +259,13 @@ class Latency(CostMetric):
         else:
             extra["predictors"] = {f"{f}@{r}": p.provenance for (f, r), p in self.predictors.items()}
         return {"latency_ms": total, "latency_ms_std": se}, extra
+
+
+def _distribution_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def _dtype(net) -> str:

@@ -100,12 +100,8 @@ class Measurer:
             groups.append(self.quality)
         for metric in groups:
             values.update(
-                self.recorder.measure(
-                    cid,
-                    list(metric.metrics),
-                    metric.protocol(cand),
-                    metric.device,
-                    lambda metric=metric: self._compute(metric, cand),
+                self.recorder.measure_group(
+                    cid, metric, cand, lambda metric=metric: self._compute(metric, cand)
                 )
             )
         return values

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from harness.models import RESULTS, ModelBundle
@@ -33,3 +35,15 @@ def load_predictors(base: ModelBundle, ssr: ModelBundle | None) -> dict:
             "fit one with python -m harness.predictor"
         )
     return out
+
+
+def predictor_identity(predictor) -> dict[str, str]:
+    """What a latency predicted by ``predictor`` depends on, for the store's cache key: the SHA-256 of
+    its content (``to_dict()``, what its JSON file holds, as canonical JSON: two files with other fits
+    never share rows, a reformatted copy does) and the device it was fitted on."""
+    text = json.dumps(predictor.to_dict(), sort_keys=True, separators=(",", ":"))
+    prov = predictor.provenance
+    return {
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "fitted_on": str(prov.get("device_name") or prov.get("device") or "unknown"),
+    }

@@ -1,7 +1,8 @@
 """Quality metrics of a candidate: FVD / KVD against real clips and text alignment, from one set of
 generated videos; plus any checks the real videos' dataset provides (opt-in, ``MeasureSettings.checks``).
 
-``compute`` records nothing (the recorder does); ``protocol(cand)`` names everything the values depend on.
+``compute`` records nothing (the recorder does); ``protocol(cand)`` and ``identity(cand)`` (the extractor's
+weights hash, a folder real set's content hash) name everything the values depend on.
 
 Generated set (common random numbers): video i of a run seeded s has prompt i of
 ``harness.metrics.fvd.generation_prompts(real captions, s, ...)`` and its own noise
@@ -12,8 +13,13 @@ smaller one's (``GeneratedVideoCache`` reuses them). Videos are quantised to 8 b
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,6 +43,69 @@ QUALITY_VERSION = (
 
 class QualityMetric(MetricGroup):
     """How good a candidate's samples are (``MetricGroup``'s contract): computed from generated videos."""
+
+
+def _file_sha256(path: str | os.PathLike[str], digest=None) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (into ``digest`` when given)."""
+    digest = digest if digest is not None else hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensors_sha256(module: torch.nn.Module) -> str:
+    """Hex SHA-256 of a module's state (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def extractor_weights_sha256(extractor) -> str:
+    """The SHA-256 naming an FVD feature extractor's weights, never its name (two I3D files must not share
+    store rows): an explicit ``weights_sha256`` attribute; else the weights file's hash the extractor
+    knows (proxy-v1: ``extractor.json``'s ``weights_sha256``, checked when loaded; I3D: its source
+    file); else a hash of its network's tensors (an extractor built in memory). One-line ``ValueError``
+    when none is there."""
+    explicit = getattr(extractor, "weights_sha256", None)
+    if explicit:
+        return str(explicit)
+    inner = getattr(extractor, "extractor", extractor)  # ProxyFeatures / I3DFeatures wrap the network's owner
+    recorded = (getattr(inner, "metadata", None) or {}).get("weights_sha256")
+    if recorded:
+        return str(recorded)
+    source = getattr(inner, "source", "")
+    if source and Path(source).is_file():
+        return _file_sha256(source)
+    network = getattr(inner, "network", None)
+    if isinstance(network, torch.nn.Module):
+        return _tensors_sha256(network)
+    raise ValueError(
+        f"cannot tell the weights of FVD extractor {getattr(extractor, 'name', extractor)!r} apart: "
+        "give it a weights_sha256 attribute"
+    )
+
+
+def real_set_sha256(protocol) -> str | None:
+    """Content hash of a folder dataset's real set (``FVDProtocol``), None for the built-in synthetic
+    set (its code defines it). Hashes every clip of the split the real clips are drawn from (their paths
+    relative to the split folder and their bytes; the draw itself is fixed by the protocol's seed), so
+    replaced, edited, added or removed videos change it."""
+    if protocol.dataset == "synthetic":
+        return None
+    from harness.data import build_dataset
+
+    dataset = build_dataset(protocol.dataset, protocol.split, frames=protocol.frames,
+                            resolution=protocol.resolution, seed=protocol.real_seed,
+                            num_videos=protocol.num_real)  # fmt: skip
+    digest = hashlib.sha256()
+    for path in (path for clip in dataset.clips for path in (clip.frame_paths or (clip.path,))):
+        digest.update(f"{path.relative_to(dataset.base).as_posix()}\0".encode())
+        _file_sha256(path, digest)
+    return digest.hexdigest()
 
 
 def heldout_prompts(protocol) -> list[str]:
@@ -108,6 +177,9 @@ class FrechetQuality(QualityMetric):
     bootstrap standard errors and the protocol's floor (``extra["bootstrap"]``, ``extra["floor"]``)."""
 
     metrics = ("fvd", "kvd", "text_alignment")
+    # MetricGroup.versions: bump one when its code changes meaning (QUALITY_VERSION in the protocol names
+    # the protocol's design, a study's identity; these name the implementation, the cache's only).
+    versions: ClassVar[Mapping[str, int]] = {"fvd": 1, "kvd": 1, "text_alignment": 1}
 
     def __init__(
         self,
@@ -146,6 +218,9 @@ class FrechetQuality(QualityMetric):
         self._captions: dict[
             str, list[str]
         ] = {}  # real-set key -> its captions (prompts are drawn from them)
+        self._weights_sha256: str | None = None  # of the extractor, on first use
+        # real-set key -> real_set_sha256, once per process (a large folder takes seconds to hash)
+        self._real_sha256: dict[str, str | None] = {}
 
     @property
     def extractor(self):
@@ -154,6 +229,23 @@ class FrechetQuality(QualityMetric):
 
             self._extractor = resolve_extractor(self.settings.fvd_weights)
         return self._extractor
+
+    def identity(self, cand: Candidate) -> dict[str, Any]:
+        """The versions, the extractor's weights hash and, for a folder dataset, the real set's content
+        hash (``real_set_sha256``): what the values depend on beyond the protocol string."""
+        from harness.metrics.fvd import real_stats_key
+
+        if self._weights_sha256 is None:
+            self._weights_sha256 = extractor_weights_sha256(self.extractor)
+        out = {**super().identity(cand), "extractor_sha256": self._weights_sha256}
+        protocol = self.fvd_protocol(cand)
+        key = real_stats_key(protocol)
+        if key not in self._real_sha256:
+            self._real_sha256[key] = real_set_sha256(protocol)
+        real = self._real_sha256[key]
+        if real is not None:
+            out["real_sha256"] = real
+        return out
 
     def fvd_protocol(self, cand: Candidate):
         g = self.generation

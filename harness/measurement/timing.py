@@ -5,7 +5,8 @@ A *reading* of one forward is ``rounds`` rounds; a round is a fixed number of ca
 from its warm-up so the round lasts about ``round_s``) followed by one call of a fixed *reference*
 forward (the smallest subnet of the same supernet on the same inputs, see :class:`Probe`). Its value is
 the ``estimator`` over the rounds' ratios candidate / reference, times the reference's scale (its quiet
-time, fixed at the process warm-up), so the machine's slow drifts cancel; its ``spread`` is the ratios'
+time: the machine's recorded one, ``harness.measurement.calibration``, else this process's warm-up), so
+the machine's drifts cancel; its ``spread`` is the ratios'
 (max - min) / median. The reading is *clean* when the spread is at most ``max_spread``, the reference
 (before the rounds, and the median over them) is within ``probe_tolerance`` of its scale, and other
 processes used less than ``other_cpu`` cores meanwhile (Linux: ``/proc/stat`` minus ``/proc/self/stat``;
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from harness.measurement.calibration import calibrated_scale
 from harness.measurement.recorder import MeasurementDeferred
 
 ESTIMATORS = ("median", "min", "trimmed", "fastest-half")
@@ -196,9 +198,10 @@ class Probe:
     of a reading's reference calls more than ``probe_tolerance`` over the scale means the machine was
     busy."""
 
-    def __init__(self, fn: Callable[[], Any], device: torch.device):
-        self.fn, self.device = fn, device
+    def __init__(self, fn: Callable[[], Any], device: torch.device, calibration_key: str | None = None):
+        self.fn, self.device, self.calibration_key = fn, device, calibration_key
         self.scale_ms: float | None = None
+        self.calibration: dict[str, Any] = {}  # where the scale came from (harness.measurement.calibration)
         self.recent: deque[float] = deque(maxlen=PROBE_WINDOW)
 
     def read(self) -> float:
@@ -230,7 +233,11 @@ class Probe:
             calls = [time_calls(self.fn, 1, self.device) for _ in range(SCALE_CALLS)]
             others = cpu.stop()
             if others is None or others <= other_cpu:
-                self.scale_ms = statistics.median(calls)
+                measured = statistics.median(calls)
+                if self.calibration_key is None:
+                    self.scale_ms = measured
+                else:  # the machine's recorded scale: every process's ms on one scale
+                    self.scale_ms, self.calibration = calibrated_scale(self.calibration_key, measured)
                 return
         raise MachineBusy(
             f"the latency reference could not be timed quietly (other processes used {others:.2f} cores)"
@@ -240,11 +247,17 @@ class Probe:
 _PROBES: dict[tuple, Probe] = {}
 
 
-def probe_for(key: tuple, make: Callable[[], Callable[[], Any]], device: torch.device) -> Probe:
+def probe_for(
+    key: tuple,
+    make: Callable[[], Callable[[], Any]],
+    device: torch.device,
+    calibration_key: str | None = None,
+) -> Probe:
     """This process's reference under ``key`` (what it is, its inputs, device, threads), built by ``make``
-    on first use and kept for the process's life (its scale is process state)."""
+    on first use and kept for the process's life (its scale is process state); with ``calibration_key``
+    its scale is the machine's recorded one (``harness.measurement.calibration``)."""
     if key not in _PROBES:
-        _PROBES[key] = Probe(make(), device)
+        _PROBES[key] = Probe(make(), device, calibration_key)
     return _PROBES[key]
 
 
@@ -302,7 +315,11 @@ def _attempt(fn, probe: Probe, p: TimingProtocol, device, call_ms: list[float]):
     quiet time). ``call_ms``: the module's call times so far (the fastest sets the call count)."""
     scale = probe.scale_ms
     cpu = OtherCpu().start()
-    info: dict[str, Any] = {"reference_scale_ms": scale, "reference_before_ms": probe.read()}
+    info: dict[str, Any] = {
+        "reference_scale_ms": scale,
+        **probe.calibration,
+        "reference_before_ms": probe.read(),
+    }
 
     def stop(why: str):
         info["other_cpu_cores"] = cpu.stop()

@@ -83,6 +83,13 @@ class StudySearcher(Searcher):
         self._enqueue(candidate, **(attrs or {}))
 
 
+def worker_seed(seed: int, worker: int) -> int:
+    """The searcher seed of the ``worker``-th process to join a study searched with ``seed``: worker 0
+    keeps ``seed`` (a single run is reproducible from it), the others get independent streams, so
+    workers starting together do not propose the same candidates."""
+    return seed if worker == 0 else int(np.random.SeedSequence([seed, worker]).generate_state(1)[0])
+
+
 def resumed_seed(seed: int, n_trials: int) -> int:
     """The sampler seed of a searcher that resumes a study holding ``n_trials`` trials."""
     return int(np.random.SeedSequence([seed, n_trials]).generate_state(1)[0])
@@ -109,8 +116,8 @@ class OptunaSearcher(StudySearcher):
     ):
         super().__init__(name, study, encoding, spaces, seed)
         n = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))  # queued: not yet
-        if n:
-            study.sampler = self.study_sampler(name, resumed_seed(seed, n))
+        # Always this searcher's own seed: workers joining one study pass distinct ones (``worker_seed``).
+        study.sampler = self.study_sampler(name, resumed_seed(seed, n) if n else seed)
 
     @classmethod
     def study_sampler(cls, name: str, seed: int) -> optuna.samplers.BaseSampler:

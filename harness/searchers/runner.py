@@ -8,8 +8,14 @@ number of workers sharing the storage.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import math
 import threading
-from collections.abc import Callable
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import optuna
@@ -19,12 +25,20 @@ from tqdm import tqdm
 from harness.candidates import Candidate
 from harness.cli import Stopped
 from harness.measurement import MeasurementDeferred, MeasurementFailed, Measurer
-from harness.metric_names import metric_name
+from harness.metric_names import COUNT_METRICS, metric_name
 from harness.searchers import Searcher
 from harness.searchers.promotion import Promotion, promote, pruned_count, rung_attr, rung_pool
 from harness.store import Store
+from harness.store.urls import sqlite_path
 
-MAX_DEFERRED_IN_A_ROW = 10  # each put-off already retried a reading 4 times with back-off
+# A busy spell is waited out, not given up on at once: a main job with one core kept busy for 150 s put
+# off 11 candidates in 80 s and stopped. Put-offs now wait 5, 10, 20, 40, 60, 60 ... s, and the search
+# stops only when the machine has been too busy to time anything for MAX_BUSY_S.
+MAX_BUSY_S = 900.0
+BUSY_WAIT_S = (5.0, 60.0)  # first wait after a put-off, and the longest
+MAX_ANCHOR_ATTEMPTS = 3  # an anchor whose measurement failed is tried again, this many times in all
+STALE_AFTER_S = 60  # shared storage: a trial without a heartbeat this long belongs to a dead worker
+WAIT_FOR_OTHERS_S = 2.0  # budget used but other workers' trials still running: poll this often
 
 
 def used_trials(study: optuna.Study) -> int:
@@ -41,28 +55,63 @@ def used_trials(study: optuna.Study) -> int:
     return n
 
 
+def requeue_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Queue a failed trial's candidate again (same parameters; an anchor keeps its fraction), so a dead
+    worker's candidate is measured by someone else and fronts keep their SNED-S/M/L/B references. Also
+    Optuna's ``heartbeat_stale_trial_callback``: run by the one worker that failed the stale trial."""
+    attrs = {k: trial.user_attrs[k] for k in ("candidate_key", "anchor_fraction") if k in trial.user_attrs}
+    study.enqueue_trial(trial.params, user_attrs={**attrs, "requeued_from": trial.number})
+
+
 def fail_abandoned(study: optuna.Study, storage: optuna.storages.RDBStorage, shared: bool) -> None:
-    """Trials left RUNNING by a killed worker: on SQLite (one process by contract) all of them; on a
-    shared server those whose heartbeat went stale."""
+    """Trials left RUNNING by a dead worker are failed and their candidates queued again. A shared server:
+    those whose heartbeat went stale (any live worker, before each ask); SQLite: all of them, by the one
+    process that holds the study (``hold_sqlite_study``), at its start."""
     if shared:
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():  # fail_stale_trials is marked experimental since Optuna 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # calls requeue_trial for each trial it failed
         return
     study_id = storage.get_study_id_from_name(study.study_name)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_state_values(
-            storage.get_trial_id_from_study_id_trial_number(study_id, t.number), TrialState.FAIL
-        )
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, "error", "its worker ended without finishing it")
+        if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            requeue_trial(study, t)
+
+
+@contextlib.contextmanager
+def hold_sqlite_study(url: str, study_name: str) -> Iterator[None]:
+    """One process at a time searches a study in one SQLite file (SQLite has no heartbeats a second
+    process could trust): a second one stops with one line instead of failing the first one's trials."""
+    path = sqlite_path(url)
+    if path is None:  # in-memory: one process by construction
+        yield
+        return
+    digest = hashlib.sha256(study_name.encode()).hexdigest()[:12]
+    with open(f"{path}.search-{digest}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Stopped(
+                f"another process is searching study '{study_name}' in {path}; wait for it, or use a "
+                "PostgreSQL --storage for several workers on one study"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Heartbeat:
-    """Records a trial's heartbeat every few seconds while it is being measured (shared storages)."""
+    """Records a trial's heartbeat while it is being measured (shared storages), at the storage's
+    heartbeat interval (``--stale-after`` / 6: a few late beats never make a live trial look dead)."""
 
-    def __init__(
-        self, storage: optuna.storages.RDBStorage, study_name: str, number: int | None, interval: float = 10.0
-    ):
-        self.storage, self.interval = storage, interval
+    def __init__(self, storage: optuna.storages.RDBStorage, study_name: str, number: int | None):
+        self.storage = storage
+        self.interval = storage.get_heartbeat_interval()
         self.trial_id = None
-        if number is not None and storage.get_heartbeat_interval() is not None:
+        if number is not None and self.interval is not None:
             study_id = storage.get_study_id_from_name(study_name)
             self.trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
         self._stop = threading.Event()
@@ -94,15 +143,49 @@ class SearchRun:
     objectives: list[str]  # objective names (``latency``, ``fvd``)
     trials: int  # the study's budget of full-fidelity trials, over all workers
     constraints: Callable[[dict], list[float]] = field(default=lambda values: [])  # <= 0 is feasible
+    limits: dict[str, float] = field(default_factory=dict)  # metric -> upper limit; replaces constraints
     screens: dict[str, Measurer] = field(default_factory=dict)  # screening rungs, cheapest first
     promotion: Promotion | None = None
     anchors: dict[str, float] = field(default_factory=dict)  # candidate key -> fraction; always promoted
     deferred_in_a_row: int = 0  # measurements put off because the machine was busy, since the last success
+    busy_since: float | None = None  # time.monotonic() of the first of those put-offs
+    max_busy_s: float = MAX_BUSY_S  # how long a busy spell may last before the search stops
+
+    def violations(self, values: dict) -> list[float]:
+        """Constraint values told with a trial: ``limit_violations`` of ``limits`` when set, else
+        ``constraints(values)``."""
+        return limit_violations(values, self.limits) if self.limits else self.constraints(values)
 
     @property
     def metrics(self) -> list[str]:
         """What each trial measures: the objectives and the cost figures every front row shows."""
         return sorted({metric_name(o) for o in self.objectives} | {"params", "flops", "latency_ms"})
+
+
+def limit_violations(values: dict, limits: dict[str, float]) -> list[float]:
+    """``(value - limit) / limit`` for each limit, in ``limits``' order (``<= 0`` is feasible): relative,
+    so that a sampler summing violations weighs 10 % too many FLOPs like 10 % too many milliseconds."""
+    return [(values[m] - lim) / lim for m, lim in limits.items()]
+
+
+def _tell_infeasible(run: SearchRun, cand: Candidate, handle, counts: dict, attrs: dict) -> int:
+    """Tell a candidate that breaks a limit known before measurement (parameters, FLOPs) as infeasible,
+    without timing it or generating a video. Its objective values are the worst seen so far (a
+    placeholder: constrained samplers rank infeasible trials by their violations, and the reported
+    front comes from the store's measurements, which hold none for it)."""
+    complete = run.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    told = [t.values for t in complete if not t.user_attrs.get("infeasible_before_measurement")]
+    worst = [max(v[i] for v in told) if told else 1e9 for i in range(len(run.objectives))]
+    values = {**counts, **{m: float("inf") for m in run.limits if m not in counts}}
+    violations = [v if math.isfinite(v) else 0.0 for v in limit_violations(values, run.limits)]
+    attrs = {**attrs, "metrics": counts, "fidelity": "infeasible", "infeasible_before_measurement": True}
+    asked = run.searcher.trial_number(handle)
+    if asked is not None:
+        _link(run, cand, asked)
+    number = run.searcher.tell(handle, worst, violations, attrs=attrs)
+    if asked is None:
+        _link(run, cand, number)
+    return number
 
 
 def _trial_attrs(run: SearchRun, cand: Candidate) -> dict:
@@ -141,15 +224,35 @@ def _screen(run: SearchRun, cand: Candidate, handle) -> str | None:
     return None
 
 
-def run_one(run: SearchRun) -> bool:
-    """Ask, screen, measure and tell one trial; ``False`` when the budget is used."""
+def _others_running(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def run_one(run: SearchRun, shared: bool = False) -> bool:
+    """Ask, screen, measure and tell one trial; ``False`` when the budget is used. On a shared server a
+    worker whose budget looks used while other workers' trials still run waits for them: a dead one's
+    trial goes stale, is failed (``fail_abandoned``) and its candidate comes back to be measured here."""
     with run.store.exclusive(f"study:{run.study.study_name}"):
-        if used_trials(run.study) >= run.trials:
+        if shared:
+            fail_abandoned(run.study, run.storage, shared)
+        wait = used_trials(run.study) >= run.trials
+        if wait and not (shared and _others_running(run.study)):
             return False
-        cand, handle = run.searcher.ask()
+        if not wait:
+            cand, handle = run.searcher.ask()
+    if wait:
+        time.sleep(WAIT_FOR_OTHERS_S)
+        return True
     attrs = _trial_attrs(run, cand)
+    known = {m: lim for m, lim in run.limits.items() if m in COUNT_METRICS}  # exact before measuring
     try:
         with Heartbeat(run.storage, run.study.study_name, run.searcher.trial_number(handle)):
+            if known:
+                counts = run.measurer.measure(cand, sorted(known))
+                counts = {m: counts[m] for m in known}
+                if any(counts[m] > lim for m, lim in known.items()):
+                    _tell_infeasible(run, cand, handle, counts, attrs)
+                    return True
             stopped_at = _screen(run, cand, handle) if run.screens else None
             if stopped_at is not None:
                 number = run.searcher.prune(handle, {**attrs, "fidelity": stopped_at})
@@ -159,35 +262,74 @@ def run_one(run: SearchRun) -> bool:
     except MeasurementDeferred as e:
         # Not the candidate's fault: give the trial back and measure the candidate again later.
         run.searcher.abandon(handle)
-        anchor = {"anchor_fraction": run.anchors[cand.key]} if cand.key in run.anchors else {}
-        run.searcher.requeue(cand, anchor)
+        run.searcher.requeue(cand, _anchor_attrs(run, cand))
         run.deferred_in_a_row += 1
-        if run.deferred_in_a_row > MAX_DEFERRED_IN_A_ROW:
+        now = time.monotonic()
+        run.busy_since = now if run.busy_since is None else run.busy_since
+        if now - run.busy_since > run.max_busy_s:
             raise Stopped(
-                f"{run.deferred_in_a_row} measurements in a row were put off ({e}); the machine stays too "
-                "busy to time latency: rerun the same command when it is quieter (finished trials are kept)"
+                f"{run.deferred_in_a_row} measurements in a row were put off over {now - run.busy_since:.0f} s "
+                f"({e}); the machine stays too busy to time latency: rerun the same command when it is "
+                "quieter (finished trials are kept)"
             ) from None
-        tqdm.write(f"candidate put off ({e}); it is queued again")
+        wait = min(BUSY_WAIT_S[1], BUSY_WAIT_S[0] * 2 ** (run.deferred_in_a_row - 1))
+        tqdm.write(f"candidate put off ({e}); it is queued again, next try in {wait:.0f} s")
+        time.sleep(wait)
         return True
     except MeasurementFailed as e:
         number = run.searcher.tell(handle, None, error=str(e), attrs=attrs)
         tqdm.write(f"trial {number}: measurement failed ({e}); continuing")
+        _retry_anchor(run, cand)
         return True
     except KeyboardInterrupt:
         run.searcher.abandon(handle)
         raise
-    run.deferred_in_a_row = 0
+    except Exception as e:  # a bug, not a measurement: the trial ends FAIL with its error, then stop
+        run.searcher.tell(handle, None, error=f"{type(e).__name__}: {e}", attrs=attrs)
+        raise
+    run.deferred_in_a_row, run.busy_since = 0, None
     attrs["metrics"] = values
     attrs["fidelity"] = "full"
+    # Linked before told: a COMPLETE trial always has its link; a kill in between leaves a link to a trial
+    # that fails stale, whose candidate is queued again and reads the same values back from the cache.
+    asked = run.searcher.trial_number(handle)
+    if asked is not None:
+        _link(run, cand, asked)
     number = run.searcher.tell(
-        handle, [values[metric_name(o)] for o in run.objectives], run.constraints(values), attrs=attrs
+        handle, [values[metric_name(o)] for o in run.objectives], run.violations(values), attrs=attrs
     )
-    _link(run, cand, number)
+    if asked is None:
+        _link(run, cand, number)
     return True
 
 
+def _anchor_attrs(run: SearchRun, cand: Candidate) -> dict:
+    return {"anchor_fraction": run.anchors[cand.key]} if cand.key in run.anchors else {}
+
+
+def _retry_anchor(run: SearchRun, cand: Candidate) -> None:
+    """An anchor whose measurement failed is queued again (up to ``MAX_ANCHOR_ATTEMPTS`` in all): a front
+    without its SNED-S/M/L/B references cannot be read against the paper's."""
+    if cand.key not in run.anchors:
+        return
+    tries = sum(t.user_attrs.get("candidate_key") == cand.key and bool(t.user_attrs.get("measurement_failed"))
+                for t in run.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))  # fmt: skip
+    if tries < MAX_ANCHOR_ATTEMPTS:
+        run.searcher.requeue(cand, _anchor_attrs(run, cand))
+        tqdm.write(
+            f"anchor {run.anchors[cand.key]:g} queued again (attempt {tries + 1} of {MAX_ANCHOR_ATTEMPTS})"
+        )
+
+
 def run_search(run: SearchRun, shared: bool) -> None:
-    """Run trials until the study's budget is used (by this and any other worker), with a progress bar."""
+    """Run trials until the study's budget is used (by this and any other worker), with a progress bar.
+    On SQLite the study is held by this process for the run (``hold_sqlite_study``)."""
+    held = contextlib.nullcontext() if shared else hold_sqlite_study(run.store.url, run.study.study_name)
+    with held:
+        _run_trials(run, shared)
+
+
+def _run_trials(run: SearchRun, shared: bool) -> None:
     with run.store.exclusive(f"study:{run.study.study_name}"):
         fail_abandoned(run.study, run.storage, shared)
     recorder = run.measurer.recorder
@@ -195,7 +337,7 @@ def run_search(run: SearchRun, shared: bool) -> None:
         total=run.trials, initial=min(used_trials(run.study), run.trials), desc="search", dynamic_ncols=True
     )
     try:
-        while run_one(run):
+        while run_one(run, shared):
             bar.n = min(used_trials(run.study), run.trials)  # pruned screens do not use the budget
             recorders = [recorder, *(m.recorder for m in run.screens.values())]
             postfix = {
@@ -207,6 +349,11 @@ def run_search(run: SearchRun, shared: bool) -> None:
             bar.set_postfix(postfix)
     finally:
         bar.close()
+    recorders = [recorder, *(m.recorder for m in run.screens.values())]
+    print(
+        f"worker {recorder.worker}: {sum(r.measured for r in recorders)} measurement groups taken, "
+        f"{sum(r.cache_hits for r in recorders)} read from the store"
+    )
 
 
 def default_study_name(
@@ -221,13 +368,15 @@ def open_study(
     name: str,
     objectives: list[str],
     sampler: optuna.samplers.BaseSampler,
-    make_searcher: Callable[[optuna.Study], Searcher],
+    make_searcher: Callable[[optuna.Study, int], Searcher],
     anchors: list[tuple[float, Candidate]],
     attrs: dict,
 ) -> tuple[optuna.Study, Searcher]:
-    """Create or resume study ``name`` and its searcher. A new study records ``attrs`` and starts with the
-    ``anchors``; a resumed one keeps the attributes it was created with. Workers starting together are
-    serialised, so exactly one of them sees the study new."""
+    """Create or resume study ``name`` and its searcher, ``make_searcher(study, worker)``: ``worker`` counts
+    the processes that joined the study before this one (the study attribute ``workers_joined``), so each
+    gets its own seed (``worker_seed``). A new study records ``attrs`` and starts with the ``anchors``; a
+    resumed one keeps the attributes it was created with. Workers starting together are serialised, so
+    exactly one of them sees the study new."""
     with store.exclusive("optuna-schema"):  # Optuna's DDL and the first trials must not race
         study = optuna.create_study(
             study_name=name,
@@ -247,7 +396,9 @@ def open_study(
                 study.set_user_attr(key, value)
         else:
             check_same_protocol(name, study.user_attrs, attrs)
-        searcher = make_searcher(study)
+        worker = int(study.user_attrs.get("workers_joined", 0))
+        study.set_user_attr("workers_joined", worker + 1)
+        searcher = make_searcher(study, worker)
         if new:
             searcher.start(anchors)
     return study, searcher
@@ -255,7 +406,7 @@ def open_study(
 
 # Attributes a resumed study must share with the run that created it (what its values mean), and the
 # settings that only say how workers cooperate.
-IDENTITY_ATTRS = ("objectives", "resolution", "settings", "promotion")
+IDENTITY_ATTRS = ("objectives", "resolution", "settings", "promotion", "limits")
 COOPERATION_SETTINGS = ("claim_timeout_s",)
 
 

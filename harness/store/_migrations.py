@@ -135,9 +135,107 @@ def _migrate_v2(connection: Connection) -> None:
     )
 
 
+# The columns migration 3 copies (sned_measurement as of version 2, sned_claim as of version 1).
+_V2_MEASUREMENT_COLUMNS = (
+    "id", "candidate_id", "metric", "value", "std", "unit", "protocol", "extractor", "device",
+    "torch_version", "seed", "status", "error", "extra", "created_at", "wall_s",
+)  # fmt: skip
+_V1_CLAIM_COLUMNS = ("id", "candidate_id", "metric_group", "protocol", "device", "worker", "status",
+                     "claimed_at")  # fmt: skip
+
+
+def _v3_sqlite_tables(metadata: MetaData, suffix: str) -> tuple[Table, Table]:
+    """Frozen version-3 measurement and claim tables, named ``<table><suffix>`` (indexes made by hand:
+    their names must be those of the final table, not of the temporary one)."""
+    measurement = Table(
+        f"sned_measurement{suffix}", metadata,
+        Column("id", Integer, primary_key=True),
+        Column("candidate_id", Integer, ForeignKey("sned_candidate.id"), nullable=False),
+        Column("metric", String(64), nullable=False),
+        Column("value", Float, nullable=True),
+        Column("std", Float, nullable=True),
+        Column("unit", String(32), nullable=False),
+        Column("protocol", String(255), nullable=False),
+        Column("extractor", String(255), nullable=True),
+        Column("device", String(255), nullable=False),
+        Column("torch_version", String(64), nullable=False),
+        Column("seed", Integer, nullable=True),
+        Column("status", String(16), nullable=False),
+        Column("error", Text, nullable=True),
+        Column("extra", Text, nullable=False),
+        Column("created_at", DateTime, nullable=False),
+        Column("wall_s", Float, nullable=True),
+        Column("cache_key", String(64), nullable=False, server_default=""),
+        Column("identity", Text, nullable=False, server_default="{}"),
+        UniqueConstraint("candidate_id", "metric", "protocol", "device", "cache_key",
+                         name="uq_sned_measurement"),
+        CheckConstraint("status IN ('ok', 'failed')", name="ck_sned_measurement_status"),
+    )  # fmt: skip
+    claim = Table(
+        f"sned_claim{suffix}", metadata,
+        Column("id", Integer, primary_key=True),
+        Column("candidate_id", Integer, ForeignKey("sned_candidate.id"), nullable=False),
+        Column("metric_group", String(64), nullable=False),
+        Column("protocol", String(255), nullable=False),
+        Column("device", String(255), nullable=False),
+        Column("worker", String(255), nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("claimed_at", DateTime, nullable=False),
+        Column("cache_key", String(64), nullable=False, server_default=""),
+        UniqueConstraint("candidate_id", "metric_group", "protocol", "device", "cache_key",
+                         name="uq_sned_claim"),
+        CheckConstraint("status IN ('running', 'done')", name="ck_sned_claim_status"),
+    )  # fmt: skip
+    return measurement, claim
+
+
+def _migrate_v3(connection: Connection) -> None:
+    """Version 3: cache keys. ``sned_measurement.cache_key`` / ``identity`` and ``sned_claim.cache_key``,
+    part of both unique keys: the hash (and, JSON, the parts) of what produced a value beyond its protocol
+    and device (torch, the metric's implementation version, extractor weights, ...). Existing rows get
+    ``cache_key = ''``, which no measurement of this code looks up: what produced them is unknown, so
+    they stay readable for analysis but are never reused (nor are their finished claims)."""
+    if connection.dialect.name == "postgresql":
+        for table, constraint, columns in (
+            ("sned_measurement", "uq_sned_measurement", "candidate_id, metric, protocol, device"),
+            ("sned_claim", "uq_sned_claim", "candidate_id, metric_group, protocol, device"),
+        ):
+            connection.execute(
+                text(f"ALTER TABLE {table} ADD COLUMN cache_key VARCHAR(64) NOT NULL DEFAULT ''")
+            )
+            connection.execute(text(f"ALTER TABLE {table} DROP CONSTRAINT {constraint}"))
+            connection.execute(
+                text(f"ALTER TABLE {table} ADD CONSTRAINT {constraint} UNIQUE ({columns}, cache_key)")
+            )
+        connection.execute(
+            text("ALTER TABLE sned_measurement ADD COLUMN identity TEXT NOT NULL DEFAULT '{}'")
+        )
+        return
+    # SQLite cannot change a table's unique constraint: rebuild both tables (copy, drop, rename).
+    metadata = MetaData()
+    Table("sned_candidate", metadata, Column("id", Integer, primary_key=True))  # referenced, not created
+    for table in _v3_sqlite_tables(metadata, "_v3"):
+        table.create(connection)
+    for name, columns in (("sned_measurement", _V2_MEASUREMENT_COLUMNS), ("sned_claim", _V1_CLAIM_COLUMNS)):
+        listed = ", ".join(columns)
+        connection.execute(text(f"INSERT INTO {name}_v3 ({listed}) SELECT {listed} FROM {name}"))
+        connection.execute(text(f"DROP TABLE {name}"))
+        connection.execute(text(f"ALTER TABLE {name}_v3 RENAME TO {name}"))
+    connection.execute(
+        text("CREATE INDEX ix_sned_measurement_candidate_id ON sned_measurement (candidate_id)")
+    )
+    connection.execute(
+        text("CREATE INDEX ix_sned_measurement_metric_protocol ON sned_measurement (metric, protocol)")
+    )
+    connection.execute(text("CREATE INDEX ix_sned_claim_candidate_id ON sned_claim (candidate_id)"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create the sned_ tables", _migrate_v1),
     Migration(2, "measurement.wall_s and index on (metric, protocol)", _migrate_v2),
+    Migration(
+        3, "cache keys: measurement.cache_key/identity, claim.cache_key, in the unique keys", _migrate_v3
+    ),
 )
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
 """Latest schema version this code knows (derived from ``MIGRATIONS``, never edited by hand)."""

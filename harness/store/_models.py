@@ -88,14 +88,19 @@ class CandidateModel(Base):
 class MeasurementModel(Base):
     """One measured figure of one candidate under one protocol on one device.
 
-    Unique on ``(candidate_id, metric, protocol, device)``: the same candidate under the same protocol on
-    the same device is measured once. ``status`` is ``'ok'`` (``value`` set) or ``'failed'`` (``error``
-    set, ``value`` usually ``None``). ``extra`` is JSON provenance (threads, dtype, batch, frames, ...).
+    Unique on ``(candidate_id, metric, protocol, device, cache_key)``: the same candidate under the same
+    protocol on the same device, produced by the same code and inputs (``cache_key``: a hash of
+    ``identity``, see ``harness.measurement.recorder``), is measured once. ``status`` is ``'ok'``
+    (``value`` set) or ``'failed'`` (``error`` set, ``value`` usually ``None``). ``extra`` is JSON
+    provenance (threads, dtype, batch, frames, ...).
     """
 
     __tablename__ = "sned_measurement"
     __table_args__ = (
-        UniqueConstraint("candidate_id", "metric", "protocol", "device", name="uq_sned_measurement"),
+        # Migration 3 added cache_key to the key.
+        UniqueConstraint(
+            "candidate_id", "metric", "protocol", "device", "cache_key", name="uq_sned_measurement"
+        ),
         CheckConstraint("status IN ('ok', 'failed')", name="ck_sned_measurement_status"),
         # Added by migration 2: analyses filter on (metric, protocol).
         Index("ix_sned_measurement_metric_protocol", "metric", "protocol"),
@@ -118,6 +123,10 @@ class MeasurementModel(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     # Added by migration 2: wall-clock seconds the measurement took (None when unknown).
     wall_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Added by migration 3: SHA-256 of ``identity`` ('' for rows from before, never reused), and the
+    # identity itself as JSON (torch version, metric implementation versions, extractor weights, ...).
+    cache_key: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    identity: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
 
 
 class TrialLinkModel(Base):
@@ -144,13 +153,16 @@ class TrialLinkModel(Base):
 class ClaimModel(Base):
     """A worker's claim on measuring one metric group of one candidate (see ``Store.claim``).
 
-    Unique on ``(candidate_id, metric_group, protocol, device)``. ``status`` is ``'running'`` while the
-    holder measures (``claimed_at`` refreshed by re-claiming) and ``'done'`` once finished.
+    Unique on ``(candidate_id, metric_group, protocol, device, cache_key)``. ``status`` is ``'running'``
+    while the holder measures (``claimed_at`` refreshed by re-claiming) and ``'done'`` once finished.
     """
 
     __tablename__ = "sned_claim"
     __table_args__ = (
-        UniqueConstraint("candidate_id", "metric_group", "protocol", "device", name="uq_sned_claim"),
+        # Migration 3 added cache_key to the key.
+        UniqueConstraint(
+            "candidate_id", "metric_group", "protocol", "device", "cache_key", name="uq_sned_claim"
+        ),
         CheckConstraint("status IN ('running', 'done')", name="ck_sned_claim_status"),
     )
 
@@ -162,6 +174,8 @@ class ClaimModel(Base):
     worker: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16), default="running")
     claimed_at: Mapped[dt.datetime] = mapped_column()
+    # Added by migration 3: the cache key of the measurement claimed ('' for claims from before).
+    cache_key: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
 def insert_ignore(
@@ -178,7 +192,7 @@ FRAME_COLUMNS = (
     "measurement_id", "candidate_id", "candidate_key", "supernet_id", "checkpoint_sha256", "family",
     "preset", "resolution", "params", "description", "config", "metric", "value", "std", "unit",
     "protocol", "extractor", "device", "torch_version", "seed", "status", "error", "wall_s", "extra",
-    "created_at", "study_names", "trial_numbers", "searchers",
+    "created_at", "cache_key", "identity", "study_names", "trial_numbers", "searchers",
 )  # fmt: skip
 
 
@@ -194,6 +208,7 @@ def frame_record(
         "unit": m.unit, "protocol": m.protocol, "extractor": m.extractor, "device": m.device,
         "torch_version": m.torch_version, "seed": m.seed, "status": m.status, "error": m.error,
         "wall_s": m.wall_s, "extra": json.loads(m.extra), "created_at": m.created_at,
+        "cache_key": m.cache_key, "identity": json.loads(m.identity or "{}"),
         "study_names": [link.study_name for link in links],
         "trial_numbers": [link.trial_number for link in links],
         "searchers": [link.searcher for link in links],

@@ -9,9 +9,13 @@ Contract (the parts a caller relies on):
       constraints (``INSERT .. ON CONFLICT DO NOTHING`` then re-select), so a race never duplicates a row
       or raises; the loser gets the winner's row. SQLite serialises writers (``BEGIN IMMEDIATE``, WAL,
       30 s busy timeout): fine for one machine and a few processes, never for a distributed search.
-    * **The cache.** ``find_measurement(candidate, metric, protocol, device)`` returns the stored row or
-      ``None``. An ``'ok'`` row is final; a ``'failed'`` row may be replaced by a later attempt.
+    * **The cache.** ``find_measurement(candidate, metric, protocol, device, cache_key)`` returns the
+      stored row or ``None``. ``cache_key`` names what produced a value beyond its protocol and device
+      (``harness.measurement.recorder.cache_key``); rows from before schema version 3 have ``''``. An
+      ``'ok'`` row is final; a ``'failed'`` row may be replaced by a later attempt.
     * **Claims.** See :meth:`Store.claim`.
+    * **Atomic groups.** Calls made on one thread inside ``with store.atomic():`` share one transaction:
+      all of their writes are committed together at the end, or none (an error, a killed process).
     * Returned rows are detached snapshots: reading attributes is free, assigning them writes nothing.
 """
 
@@ -25,11 +29,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import case, delete, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -106,6 +111,7 @@ class Store:
         self, url: str | os.PathLike[str], *, upgrade: bool = False, _fix: str | None = None
     ) -> None:
         # _fix: the remedy a missing store's message names (open_existing: the CLI's --storage).
+        self._local = threading.local()  # .session: this thread's open atomic() block, if any
         self._url = validate_storage_url(url)
         path = sqlite_path(self._url)
         if upgrade:
@@ -193,7 +199,14 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One transaction: commits when the block exits normally, rolls back (and re-raises) otherwise."""
+        """One transaction: commits when the block exits normally, rolls back (and re-raises) otherwise.
+
+        Inside :meth:`atomic` on the same thread, the block's transaction instead (it commits or rolls back
+        when the ``atomic`` block ends)."""
+        joined = getattr(self._local, "session", None)
+        if joined is not None:
+            yield joined
+            return
         session = self._sessions()
         try:
             yield session
@@ -203,6 +216,21 @@ class Store:
             raise
         finally:
             session.close()
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Run the store calls made in the block on this thread in one transaction: every write is
+        committed when the block ends, or none is (an exception, a killed process). Other threads keep
+        their own transactions. A nested ``atomic`` joins the outer one."""
+        if getattr(self._local, "session", None) is not None:
+            yield
+            return
+        with self.session() as session:
+            self._local.session = session
+            try:
+                yield
+            finally:
+                self._local.session = None
 
     # Supernets and candidates.
 
@@ -256,15 +284,27 @@ class Store:
     # Measurements.
 
     def find_measurement(
-        self, candidate_id: int, metric: str, protocol: str, device: str
+        self,
+        candidate_id: int,
+        metric: str,
+        protocol: str,
+        device: str,
+        cache_key: str | None = None,  # None: any key (the newest row, an 'ok' one first); not a cache
     ) -> MeasurementModel | None:
-        """The stored measurement (``'ok'`` or ``'failed'``) for this key, or ``None`` (the cache)."""
+        """The stored measurement (``'ok'`` or ``'failed'``) for this key, or ``None`` (the cache).
+
+        Without ``cache_key`` it is the newest row under any key (an ``'ok'`` row before a failed one):
+        for showing what was recorded, never for deciding that a value can be reused."""
+        key = {"candidate_id": candidate_id, "metric": metric, "protocol": protocol, "device": device}
         with self.session() as session:
-            return session.scalars(
-                select(MeasurementModel).filter_by(
-                    candidate_id=candidate_id, metric=metric, protocol=protocol, device=device
-                )
-            ).one_or_none()
+            if cache_key is not None:
+                statement = select(MeasurementModel).filter_by(**key, cache_key=cache_key)
+                return session.scalars(statement).one_or_none()
+            ok_first = case((MeasurementModel.status == "ok", 1), else_=0).desc()
+            statement = (
+                select(MeasurementModel).filter_by(**key).order_by(ok_first, MeasurementModel.id.desc())
+            )
+            return session.scalars(statement.limit(1)).one_or_none()
 
     def record_measurement(
         self,
@@ -281,17 +321,20 @@ class Store:
         seed: int | None = None,
         extra: Mapping[str, Any] | None = None,
         wall_s: float | None = None,  # seconds the measurement took; None: unknown
+        cache_key: str = "",  # what produced the value beyond protocol and device ('' : unnamed)
+        identity: Mapping[str, Any] | None = None,  # the parts cache_key hashes, kept readable
     ) -> MeasurementModel:
         """Store a successful measurement and return the stored row.
 
-        Idempotent: if an ``'ok'`` row already exists for ``(candidate, metric, protocol, device)`` (for
-        instance a racing worker's), that row is returned unchanged; a ``'failed'`` row is replaced.
+        Idempotent: if an ``'ok'`` row already exists for ``(candidate, metric, protocol, device,
+        cache_key)`` (for instance a racing worker's), that row is returned unchanged; a ``'failed'`` row
+        is replaced.
         """
         if value is None:
             raise StoreError(f"measurement {metric!r} has no value; use record_failure for failed attempts")
         fields = {"value": float(value), "std": None if std is None else float(std), "error": None}
         return self._record(candidate_id, metric, protocol, device, "ok", fields, unit, extractor,
-                            torch_version, seed, extra, wall_s)  # fmt: skip
+                            torch_version, seed, extra, wall_s, cache_key, identity)  # fmt: skip
 
     def record_failure(
         self,
@@ -307,6 +350,8 @@ class Store:
         seed: int | None = None,
         extra: Mapping[str, Any] | None = None,
         wall_s: float | None = None,  # seconds until the failure; None: unknown
+        cache_key: str = "",  # as record_measurement
+        identity: Mapping[str, Any] | None = None,
     ) -> MeasurementModel:
         """Store a failed attempt (``status='failed'``, ``value=None``, ``error`` kept) and return the row.
 
@@ -314,18 +359,22 @@ class Store:
         """
         fields = {"value": None, "std": None, "error": str(error)}
         return self._record(candidate_id, metric, protocol, device, "failed", fields, unit, extractor,
-                            torch_version, seed, extra, wall_s)  # fmt: skip
+                            torch_version, seed, extra, wall_s, cache_key, identity)  # fmt: skip
 
     def _record(
         self, candidate_id: int, metric: str, protocol: str, device: str, status: str,
         fields: dict[str, Any], unit: str, extractor: str | None, torch_version: str | None,
-        seed: int | None, extra: Mapping[str, Any] | None, wall_s: float | None,
+        seed: int | None, extra: Mapping[str, Any] | None, wall_s: float | None, cache_key: str,
+        identity: Mapping[str, Any] | None,
     ) -> MeasurementModel:  # fmt: skip
-        key = {"candidate_id": candidate_id, "metric": metric, "protocol": protocol, "device": device}
+        if len(cache_key) > 64:
+            raise StoreError(f"cache_key must be at most 64 characters, got {len(cache_key)}")
+        key = {"candidate_id": candidate_id, "metric": metric, "protocol": protocol, "device": device,
+               "cache_key": cache_key}  # fmt: skip
         payload = {
             **fields, "status": status, "unit": unit, "extractor": extractor, "seed": seed,
             "torch_version": torch_version or _installed_torch_version(), "extra": _json_text(extra),
-            "wall_s": wall_s, "created_at": utcnow(),
+            "wall_s": wall_s, "created_at": utcnow(), "identity": _json_text(identity),
         }  # fmt: skip
         with self.session() as session:
             if insert_ignore(session, MeasurementModel, {**key, **payload}, list(key)):
@@ -349,6 +398,7 @@ class Store:
         worker: str,
         *,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,  # seconds before another worker's claim is stale
+        cache_key: str = "",  # the claimed measurement's (as record_measurement)
     ) -> bool:
         """Try to become the one worker measuring ``metric_group`` of a candidate; atomic across processes.
 
@@ -361,7 +411,7 @@ class Store:
         from the PostgreSQL server clock, so workers on different machines agree on staleness.
         """
         key = {"candidate_id": candidate_id, "metric_group": metric_group, "protocol": protocol,
-               "device": device}  # fmt: skip
+               "device": device, "cache_key": cache_key}  # fmt: skip
         with self.session() as session:
             now = _db_now(session)
             values = {**key, "worker": worker, "status": "running", "claimed_at": now}
@@ -378,22 +428,25 @@ class Store:
             return result.rowcount == 1
 
     def finish_claim(
-        self, candidate_id: int, metric_group: str, protocol: str, device: str, worker: str
-    ) -> bool:
+        self, candidate_id: int, metric_group: str, protocol: str, device: str, worker: str, *,
+        cache_key: str = "",
+    ) -> bool:  # fmt: skip
         """Mark ``worker``'s claim done (no one will get it again); False if ``worker`` no longer held it."""
-        return self._end_claim(candidate_id, metric_group, protocol, device, worker, finish=True)
+        return self._end_claim(candidate_id, metric_group, protocol, device, worker, cache_key, finish=True)
 
     def release_claim(
-        self, candidate_id: int, metric_group: str, protocol: str, device: str, worker: str
-    ) -> bool:
+        self, candidate_id: int, metric_group: str, protocol: str, device: str, worker: str, *,
+        cache_key: str = "",
+    ) -> bool:  # fmt: skip
         """Drop ``worker``'s running claim so that another may retry; False if ``worker`` did not hold it."""
-        return self._end_claim(candidate_id, metric_group, protocol, device, worker, finish=False)
+        return self._end_claim(candidate_id, metric_group, protocol, device, worker, cache_key, finish=False)
 
     def _end_claim(
-        self, candidate_id: int, metric_group: str, protocol: str, device: str, worker: str, finish: bool
-    ) -> bool:
+        self, candidate_id: int, metric_group: str, protocol: str, device: str, worker: str,
+        cache_key: str, finish: bool,
+    ) -> bool:  # fmt: skip
         key = {"candidate_id": candidate_id, "metric_group": metric_group, "protocol": protocol,
-               "device": device, "worker": worker, "status": "running"}  # fmt: skip
+               "device": device, "cache_key": cache_key, "worker": worker, "status": "running"}  # fmt: skip
         statement = update(ClaimModel).filter_by(**key).values(status="done") if finish else (
             delete(ClaimModel).filter_by(**key)
         )  # fmt: skip
@@ -462,11 +515,15 @@ class Store:
                     finally:
                         fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def measurements_frame(self) -> pd.DataFrame:
+    def measurements_frame(self, superseded: bool = False) -> pd.DataFrame:
         """One row per measurement (columns ``FRAME_COLUMNS``), joined with its candidate and supernet.
 
-        ``config`` and ``extra`` are parsed dicts; ``study_names``, ``trial_numbers`` and ``searchers``
-        are aligned lists of the candidate's trial links (empty when it has none).
+        ``config``, ``extra`` and ``identity`` are parsed dicts; ``study_names``, ``trial_numbers`` and
+        ``searchers`` are aligned lists of the candidate's trial links (empty when it has none). A value
+        measured again under another cache key (a torch upgrade, a metric's version bump, other
+        extractor weights) has several rows for one ``(candidate, metric, protocol, device)``: only the
+        newest is kept (an ``'ok'`` one before a failure), so that an analysis sees one value per
+        setting, unless ``superseded`` (then every row).
         """
         import pandas as pd
 
@@ -481,5 +538,14 @@ class Store:
         links_by_candidate: dict[int, list[TrialLinkModel]] = {}
         for link in links:
             links_by_candidate.setdefault(link.candidate_id, []).append(link)
+        if not superseded:
+            newest: dict[tuple, tuple[MeasurementModel, CandidateModel, SupernetModel]] = {}
+            for row in rows:  # ascending ids: a later row of the same rank replaces an earlier one
+                m = row[0]
+                key = (m.candidate_id, m.metric, m.protocol, m.device)
+                held = newest.get(key)
+                if held is None or (m.status == "ok") >= (held[0].status == "ok"):
+                    newest[key] = row
+            rows = sorted(newest.values(), key=lambda row: row[0].id)
         records = [frame_record(m, c, s, links_by_candidate.get(c.id, [])) for m, c, s in rows]
         return pd.DataFrame.from_records(records, columns=list(FRAME_COLUMNS))
