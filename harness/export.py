@@ -44,6 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def measured_with(url: str, study: str, trial: int) -> dict | None:
+    """The model files (``{"base": {"sha256": ...}, "ssr": {...}}``) the store says trial ``trial`` of
+    ``study`` was measured with, from its trial link; ``None`` for a trial without one."""
+    from sqlalchemy import select
+
+    from harness.store._models import CandidateModel, SupernetModel, TrialLinkModel
+
+    with Store.open_existing(url) as store, store.session() as session:
+        row = session.execute(
+            select(SupernetModel.metadata_json)
+            .join(CandidateModel, CandidateModel.supernet_id == SupernetModel.id)
+            .join(TrialLinkModel, TrialLinkModel.candidate_id == CandidateModel.id)
+            .where(TrialLinkModel.study_name == study, TrialLinkModel.trial_number == trial)
+        ).first()
+    return json.loads(row[0]) if row else None
+
+
 def check_out(out: Path) -> None:
     """Raise a one-line ``ValueError`` unless ``out`` can receive the export (nothing is created)."""
     if out.exists() or out.is_symlink():
@@ -125,10 +142,21 @@ def main(argv=None) -> None:
         raise ValueError(f"trial {args.trial} of '{args.study}' is not a completed, measured trial")
     cand = Candidate.from_json(trial.user_attrs["candidate"])
     # Everything is loaded before anything is written: a bad checkpoint fails with nothing on disk.
-    base = load_bundle(args.checkpoint or study.user_attrs["checkpoint"])
-    ssr = None
+    base_path = args.checkpoint or study.user_attrs["checkpoint"]
+    base = load_bundle(base_path)
+    ssr, ssr_path = None, None
     if cand.ssr is not None:
-        ssr = load_bundle(args.ssr_checkpoint or study.user_attrs["ssr_checkpoint"])
+        ssr_path = args.ssr_checkpoint or study.user_attrs["ssr_checkpoint"]
+        ssr = load_bundle(ssr_path)
+    measured = measured_with(url, args.study, args.trial)
+    for role, bundle, path in (("base", base, base_path), ("ssr", ssr, ssr_path)):
+        want = (measured or {}).get(role, {}).get("sha256")
+        if bundle is not None and want is not None and bundle.checkpoint_hash != want:
+            raise ValueError(
+                f"{path} is not the {role} checkpoint trial {args.trial} was measured with (sha256 "
+                f"{want[:12]}... in the store, {bundle.checkpoint_hash[:12]}... on disk); restore that "
+                f"file or pass --{'ssr-' if role == 'ssr' else ''}checkpoint with it"
+            )
     names = ["base", *([LATENT_FOLDER] if base.codec is not None else []), *(["ssr"] if ssr else [])]
     record = {
         "candidate": cand.to_dict(),

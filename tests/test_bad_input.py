@@ -167,3 +167,41 @@ def test_export_refuses_an_existing_out(study_store: str, tmp_path: Path, kind: 
     line = error_line(export(study_store, out))
     assert str(out) in line and ("existing file" if kind == "file" else "not empty") in line, line
     assert tree(tmp_path) == before
+
+
+def test_export_refuses_a_checkpoint_other_than_the_one_measured(tmp_path: Path) -> None:
+    """A trial linked in the store to the shipped base's hash, exported with a copy whose weights were
+    changed (a retrained file under the same path): refused in one line, nothing written; the untouched
+    file exports."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from harness.measurement.recorder import Recorder, register_models
+    from harness.models import load_bundle
+
+    url = validate_storage_url(tmp_path / "h.db")
+    store = Store.open(url)
+    base = load_bundle(CHECKPOINT)
+    cand = Candidate(base.supernet.space.smallest())
+    recorder = Recorder(store, register_models(store, base, None), "test", 0, 0.0)
+    cid = recorder.candidate_id(cand, cand.params(base.supernet, None), "smallest")
+    study = optuna.create_study(study_name="m", storage=optuna_storage(url), directions=["minimize"] * 2)
+    study.set_user_attr("checkpoint", str(CHECKPOINT))
+    study.add_trial(optuna.trial.create_trial(values=[1.0, 2.0], user_attrs={"candidate": cand.to_json()}))
+    store.link_trial(cid, "m", "tpe", trial_number=0)
+    store.close()
+    changed = tmp_path / "retrained"
+    shutil.copytree(CHECKPOINT, changed)
+    weights = load_file(changed / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, changed / "model.safetensors")
+    args = ["--storage", url, "--study", "m", "--trial", "0"]
+    line = error_line(
+        run("harness.export", *args, "--checkpoint", str(changed), "--out", str(tmp_path / "a"))
+    )
+    assert "is not the base checkpoint trial 0 was measured with" in line and "--checkpoint" in line, line
+    assert not (tmp_path / "a").exists()
+    proc = run("harness.export", *args, "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr[-2000:]

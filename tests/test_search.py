@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
 
 from harness.store import Store, optuna_storage
@@ -72,9 +73,8 @@ def test_cache_second_study_measures_nothing(tmp_path):
     out = search("--objective", "latency", "--trials", "3", "--storage", url, "--study", "b", *FAST)
     after = measurement_counts(url)
     assert before.equals(after), "the second, identical search measured something again"
-    assert (after == 1).all()
+    assert ": 0 measurement groups taken" in out.stdout, out.stdout[-500:]  # the measurer's own count
     assert len(completed(url, "b")) == 3
-    del out
 
 
 @pytest.mark.slow
@@ -138,7 +138,13 @@ def test_kill_and_resume_finishes_remaining_trials(tmp_path):
     assert len(completed(url, "k")) < 4
     search("--objective", "latency", "--trials", "4", "--storage", url, "--study", "k", *FAST)
     assert len(completed(url, "k")) == 4
-    assert (measurement_counts(url) == 1).all()
+    trials = optuna.load_study(study_name="k", storage=optuna_storage(url)).get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state == TrialState.RUNNING], "the killed run's trial was left running"
+    for dead in [t for t in trials if t.user_attrs.get("error") == "its worker ended without finishing it"]:
+        again = [t for t in trials if t.user_attrs.get("requeued_from") == dead.number]
+        assert again and again[0].state == TrialState.COMPLETE, (
+            "the killed trial's candidate was not measured"
+        )
 
 
 @pytest.mark.slow
@@ -163,15 +169,23 @@ def test_three_postgres_workers_share_one_study(postgres_url):
         subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
+    taken = 0
     for w in workers:
-        _out, err = w.communicate(timeout=900)
+        out, err = w.communicate(timeout=900)
         assert w.returncode == 0, err[-2000:]
+        taken += int(out.split(f":{w.pid}: ")[1].split(" measurement groups taken")[0])
     study = optuna.load_study(study_name="shared", storage=optuna_storage(postgres_url))
     trials = study.get_trials(deepcopy=False)
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 6
-    assert len(trials) == 6, "a worker asked for more trials than requested"
-    counts = measurement_counts(postgres_url)
-    assert (counts == 1).all(), "a candidate was measured twice under one protocol"
+    abandoned = [t for t in trials if t.state == TrialState.FAIL and "error" not in t.user_attrs]
+    assert len(trials) == 6 + len(abandoned), "a worker asked for more trials than requested"
+    # The work the workers did, by their own counters: every group one of them measured is one finished
+    # group in the store; a group measured twice would count twice here and once there.
+    with Store(postgres_url).session() as session:
+        finished = session.execute(
+            sqlalchemy.text("SELECT count(*) FROM sned_claim WHERE status = 'done'")
+        ).scalar()
+    assert taken == finished, f"{taken} groups measured for {finished} finished ones"
     keys = {t.user_attrs["candidate_key"] for t in trials}
     df = Store(postgres_url).measurements_frame()
     fvd = df[(df.metric == "fvd") & (df.status == "ok")]
