@@ -14,7 +14,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from harness.store import Store, optuna_storage
-from tests.test_search import ENV, FAST, REPO
+from tests.test_search import ENV, FAST, REPO, search
 
 
 def start_worker(*args: str) -> subprocess.Popen:
@@ -116,14 +116,7 @@ def test_a_second_process_on_one_sqlite_study_stops_in_one_line(tmp_path):
             if any(t.state == TrialState.RUNNING for t in trials):
                 break
             time.sleep(0.2)
-        second = subprocess.run(
-            [sys.executable, "-m", "harness.search", *args],
-            check=False,
-            cwd=REPO,
-            env=ENV,
-            capture_output=True,
-            text=True,
-        )
+        second = search(*args, check=False)
         assert second.returncode != 0
         lines = second.stderr.strip().splitlines()
         assert "another process is searching study 'one'" in lines[-1] and "Traceback" not in second.stderr

@@ -179,10 +179,17 @@ def _tell_infeasible(run: SearchRun, cand: Candidate, handle, counts: dict, attr
     values = {**counts, **{m: float("inf") for m in run.limits if m not in counts}}
     violations = [v if math.isfinite(v) else 0.0 for v in limit_violations(values, run.limits)]
     attrs = {**attrs, "metrics": counts, "fidelity": "infeasible", "infeasible_before_measurement": True}
+    return _tell_linked(run, cand, handle, worst, violations, attrs)
+
+
+def _tell_linked(run: SearchRun, cand: Candidate, handle, values, violations, attrs: dict) -> int:
+    """Tell a measured trial and link its candidate in the store. Linked before told: a COMPLETE trial
+    always has its link; a kill in between leaves a link to a trial that fails stale, whose candidate is
+    queued again and reads the same values back from the cache."""
     asked = run.searcher.trial_number(handle)
     if asked is not None:
         _link(run, cand, asked)
-    number = run.searcher.tell(handle, worst, violations, attrs=attrs)
+    number = run.searcher.tell(handle, values, violations, attrs=attrs)
     if asked is None:
         _link(run, cand, number)
     return number
@@ -290,16 +297,8 @@ def run_one(run: SearchRun, shared: bool = False) -> bool:
     run.deferred_in_a_row, run.busy_since = 0, None
     attrs["metrics"] = values
     attrs["fidelity"] = "full"
-    # Linked before told: a COMPLETE trial always has its link; a kill in between leaves a link to a trial
-    # that fails stale, whose candidate is queued again and reads the same values back from the cache.
-    asked = run.searcher.trial_number(handle)
-    if asked is not None:
-        _link(run, cand, asked)
-    number = run.searcher.tell(
-        handle, [values[metric_name(o)] for o in run.objectives], run.violations(values), attrs=attrs
-    )
-    if asked is None:
-        _link(run, cand, number)
+    objectives = [values[metric_name(o)] for o in run.objectives]
+    _tell_linked(run, cand, handle, objectives, run.violations(values), attrs)
     return True
 
 
@@ -339,21 +338,21 @@ def _run_trials(run: SearchRun, shared: bool) -> None:
     try:
         while run_one(run, shared):
             bar.n = min(used_trials(run.study), run.trials)  # pruned screens do not use the budget
-            recorders = [recorder, *(m.recorder for m in run.screens.values())]
-            postfix = {
-                "measured": sum(r.measured for r in recorders),
-                "cached": sum(r.cache_hits for r in recorders),
-            }
+            measured, cached = _work(run)
+            postfix = {"measured": measured, "cached": cached}
             if run.screens:
                 postfix["pruned"] = pruned_count(run.study)
             bar.set_postfix(postfix)
     finally:
         bar.close()
-    recorders = [recorder, *(m.recorder for m in run.screens.values())]
-    print(
-        f"worker {recorder.worker}: {sum(r.measured for r in recorders)} measurement groups taken, "
-        f"{sum(r.cache_hits for r in recorders)} read from the store"
-    )
+    measured, cached = _work(run)
+    print(f"worker {recorder.worker}: {measured} measurement groups taken, {cached} read from the store")
+
+
+def _work(run: SearchRun) -> tuple[int, int]:
+    """Measurement groups this worker measured and read from the store, over every fidelity."""
+    recorders = [run.measurer.recorder, *(m.recorder for m in run.screens.values())]
+    return sum(r.measured for r in recorders), sum(r.cache_hits for r in recorders)
 
 
 def default_study_name(
