@@ -84,7 +84,12 @@ def _add_trial(store: Store, study: optuna.Study, supernet_id: int, searcher: st
                                         f"{fraction:.0%} params, {resolution}px")  # fmt: skip
     failed = (study.study_name, number) == FAILED_TRIAL
     _record(store, row.id, values, resolution, failed)
-    attrs = {"candidate_key": key, "searcher": searcher, "param_fraction": values["params"] / TOTAL_PARAMS}
+    attrs = {
+        "candidate_key": key,
+        "searcher": searcher,
+        "param_fraction": values["params"] / TOTAL_PARAMS,
+        **({"measurement_failed": True} if failed else {}),
+    }  # as the searchers tell a failure
     objectives = None if failed else [values["latency_ms"], values["fvd"]]
     state = optuna.trial.TrialState.FAIL if failed else optuna.trial.TrialState.COMPLETE
     study.add_trial(optuna.trial.create_trial(state=state, values=objectives, user_attrs=attrs))

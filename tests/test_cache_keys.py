@@ -95,7 +95,7 @@ def test_migrated_store_keeps_old_rows_but_never_reuses_them(tmp_path: Path, can
     url = f"sqlite:///{tmp_path}/old.db"
     _version_2_store(url)
     with Store.open(url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         old = store.measurements_frame()
         assert old[["metric", "value", "wall_s", "cache_key"]].values.tolist() == [["params", 99.0, 1.5, ""]]
         recorder, cid = _recorder(store)

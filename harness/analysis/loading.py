@@ -26,10 +26,12 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from optuna.trial import TrialState
 from sqlalchemy import inspect
 from sqlalchemy import select as sql_select
 
@@ -64,33 +66,46 @@ Minimize = bool | Sequence[bool] | None
 def study_attributes(url: str, studies: Iterable[str]) -> dict[str, dict[str, Any]]:
     """User attributes of the named Optuna studies in the store (``{}`` for a study not there)."""
     with Store.open_existing(url) as store:
-        return _study_info(store, studies)[1]
+        return _study_info(store, studies).attributes
 
 
-def _study_info(
-    store: Store, studies: Iterable[str]
-) -> tuple[dict[tuple[str, int], float], dict[str, dict[str, Any]]]:
-    """``param_fraction`` per ``(study, trial number)`` and user attributes per study, from Optuna."""
+@dataclass
+class _StudyInfo:
+    """What the analysis reads from Optuna: ``param_fraction`` per ``(study, trial number)``, the trials
+    never told (running, waiting, or failed without a measurement error: abandoned or stale; their links
+    are not shown, see ``_candidate_rows``) and user attributes per study."""
+
+    fractions: dict[tuple[str, int], float] = field(default_factory=dict)
+    unfinished: set[tuple[str, int]] = field(default_factory=set)
+    attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _study_info(store: Store, studies: Iterable[str]) -> _StudyInfo:
+    """The named studies' trials and attributes, from Optuna (empty when the store has no Optuna tables)."""
+    info = _StudyInfo()
     with store.session() as session:
         if not inspect(session.connection()).has_table("studies"):
-            return {}, {}  # no Optuna tables: never create them from an analysis
+            return info  # no Optuna tables: never create them from an analysis
     storage = optuna_storage(store.url)
-    fractions: dict[tuple[str, int], float] = {}
-    attributes: dict[str, dict[str, Any]] = {}
     try:
         for name in studies:
             try:
                 study_id = storage.get_study_id_from_name(name)
             except KeyError:
                 continue
-            attributes[name] = dict(storage.get_study_user_attrs(study_id))
+            info.attributes[name] = dict(storage.get_study_user_attrs(study_id))
             for trial in storage.get_all_trials(study_id, deepcopy=False):
                 if trial.user_attrs.get("param_fraction") is not None:
-                    fractions[(name, trial.number)] = float(trial.user_attrs["param_fraction"])
+                    info.fractions[(name, trial.number)] = float(trial.user_attrs["param_fraction"])
+                told = trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+                    trial.state == TrialState.FAIL and trial.user_attrs.get("measurement_failed")
+                )
+                if not told:
+                    info.unfinished.add((name, trial.number))
     finally:
         storage.remove_session()
         storage.engine.dispose()
-    return fractions, attributes
+    return info
 
 
 def fidelity_definitions(attrs: Mapping[str, Any]) -> dict[str, dict[str, list[str]]]:
@@ -152,15 +167,15 @@ def load_results(
             raise ValueError(f"store {store.redacted_url} holds no measurements")
         totals = _supernet_totals(store)
         known = sorted({s for names in frame["study_names"] for s in names})
-        fractions, attributes = _study_info(store, known)
+        info = _study_info(store, known)
         wanted = [study] if isinstance(study, str) else list(study or [])
         unknown = [s for s in wanted if s not in known]
         if unknown:
             names = ", ".join(known) or "none"
             raise ValueError(f"unknown study {unknown[0]!r} in {store.redacted_url}; studies: {names}")
     rows = [row for _, group in frame.groupby("candidate_id", sort=True)
-            for row in _candidate_rows(group, totals, fractions)]  # fmt: skip
-    definitions = {name: fidelity_definitions(attrs) for name, attrs in attributes.items()}
+            for row in _candidate_rows(group, totals, info)]  # fmt: skip
+    definitions = {name: fidelity_definitions(attrs) for name, attrs in info.attributes.items()}
     for row in rows:
         own = definitions.get(row["study"]) or {}
         row["fidelity"] = row_fidelity(row, own) if own else None
@@ -230,10 +245,11 @@ def _supernet_totals(store: Store) -> dict[int, dict[str, int]]:
     return totals
 
 
-def _candidate_rows(
-    group: pd.DataFrame, totals: dict[int, dict[str, int]], fractions: dict[tuple[str, int], float]
-) -> list[dict[str, Any]]:
-    """Rows of one candidate: settings (device groups x metric variants) x trial links."""
+def _candidate_rows(group: pd.DataFrame, totals: dict[int, dict[str, int]], info: _StudyInfo) -> list[dict]:
+    """Rows of one candidate: settings (device groups x metric variants) x trial links, where a link
+    that names its setting (``Store.link_trial``) joins only that setting's rows, and a link to a trial
+    never told (running, or failed as stale after a kill between link and tell) joins none: the tell is
+    the commit point of a trial's link."""
     first = group.iloc[0]
     config = first["config"] if isinstance(first["config"], dict) else {}
     kind = "chain" if config.get("format") == "sned-chain/1" else "subnet"
@@ -244,14 +260,31 @@ def _candidate_rows(
                  "supernet_id": int(first["supernet_id"]), "family": first["family"], "kind": kind,
                  "resolution": int(first["resolution"]), "description": first["description"],
                  "params": float(first["params"]), "supernet_params": supernet_params}  # fmt: skip
-    links = list(zip(first["study_names"], first["searchers"], first["trial_numbers"]))
+    links = [(study, searcher, number, linked)
+             for study, searcher, number, linked in zip(first["study_names"], first["searchers"],
+                                                        first["trial_numbers"], first["link_settings"])
+             if (study, number) not in info.unfinished]  # fmt: skip
     rows = []
     for setting in _settings(group.to_dict("records")):
-        for study, searcher, number in links or [(None, None, None)]:
-            fraction = fractions.get((study, number), candidate["params"] / supernet_params)
+        # A setting none of the candidate's trials was told from (another device's evaluation, say)
+        # is a row of no study.
+        joined = [link for link in links if _link_joins(link[3], setting)]
+        for study, searcher, number, _ in joined or [(None, None, None, None)]:
+            fraction = info.fractions.get((study, number), candidate["params"] / supernet_params)
             link = {"study": study, "searcher": searcher, "trial_number": number, "param_fraction": fraction}
             rows.append({**link, **candidate, **setting})
     return rows
+
+
+def _link_joins(linked: Mapping[str, Any] | None, setting: Mapping[str, Any]) -> bool:
+    """Whether a trial link's recorded setting admits a row's setting: same device (rows of counted
+    metrics only have no device) and, when both name one, the same extractor. Protocols are the
+    fidelities' business (``row_fidelity``), so a reproduce run's rows stay beside the study's."""
+    if not linked:
+        return True
+    device_ok = setting["device"] in (None, linked.get("device"))
+    extractor_ok = setting["extractor"] is None or linked.get("extractor") in (None, setting["extractor"])
+    return device_ok and extractor_ok
 
 
 def _settings(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -110,9 +110,12 @@ def remeasure(
         objectives = list(resolve_objectives(metric_name(o) for o in attrs["objectives"]))
         metrics = sorted(set(objectives) | {"params", "flops", "latency_ms"})
         torch.set_num_threads(settings.threads)
+        settings.policy.apply()  # the study's device and numerics, as its search set them
         base, ssr, _ = load_chain(attrs["checkpoint"], attrs.get("ssr_checkpoint"), attrs["resolution"])
-        text = base.text_encoder.load() if base.text_encoder else None
-        extractor = resolve_extractor(settings.fvd_weights)
+        settings.policy.place(base)
+        settings.policy.place(ssr)
+        text = base.text_encoder.load(settings.device) if base.text_encoder else None
+        extractor = resolve_extractor(settings.fvd_weights, settings.device)
         predictors = load_predictors(base, ssr) if settings.latency == "predicted" else None
         store = Store.open(url)
         worker = f"{socket.gethostname()}:{os.getpid()}:reproduce"

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from harness.candidates import Candidate
 from harness.cli import Stopped
 from harness.measurement import MeasurementDeferred, MeasurementFailed, Measurer
-from harness.metric_names import COUNT_METRICS, metric_name
+from harness.metric_names import COUNT_METRICS, QUALITY_METRICS, metric_name
 from harness.searchers import Searcher
 from harness.searchers.promotion import Promotion, promote, pruned_count, rung_attr, rung_pool
 from harness.store import Store
@@ -209,7 +209,19 @@ def _link(run: SearchRun, cand: Candidate, number: int) -> None:
         run.searcher.name,
         optuna_trial_id=run.storage.get_trial_id_from_study_id_trial_number(study_id, number),
         trial_number=number,
+        setting=link_setting(run.measurer, cand, run.metrics),
     )
+
+
+def link_setting(measurer: Measurer, cand: Candidate, metrics: list[str]) -> dict:
+    """The measurement setting a trial of ``cand`` is told from (``Store.link_trial``): the measurer's
+    device, its FVD extractor when quality is measured, and the protocol of each measured metric."""
+    protocols = measurer.protocols(cand)
+    setting = {"device": measurer.device_name,
+               "protocols": {m: p for m, p in protocols.items() if m in metrics}}  # fmt: skip
+    if set(metrics) & set(QUALITY_METRICS):
+        setting["extractor"] = measurer.quality.extractor.name
+    return setting
 
 
 def _screen(run: SearchRun, cand: Candidate, handle) -> str | None:

@@ -230,12 +230,20 @@ def _migrate_v3(connection: Connection) -> None:
     connection.execute(text("CREATE INDEX ix_sned_claim_candidate_id ON sned_claim (candidate_id)"))
 
 
+def _migrate_v4(connection: Connection) -> None:
+    """Version 4: ``sned_trial_link.setting``, the measurement setting (device, extractor, protocols) a
+    trial was told from, so that a study's analysis reads only its own setting's rows. Existing links get
+    ``'{}'`` (setting unknown: every setting, as before)."""
+    connection.execute(text("ALTER TABLE sned_trial_link ADD COLUMN setting TEXT NOT NULL DEFAULT '{}'"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create the sned_ tables", _migrate_v1),
     Migration(2, "measurement.wall_s and index on (metric, protocol)", _migrate_v2),
     Migration(
         3, "cache keys: measurement.cache_key/identity, claim.cache_key, in the unique keys", _migrate_v3
     ),
+    Migration(4, "trial_link.setting: the measurement setting a trial was told from", _migrate_v4),
 )
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
 """Latest schema version this code knows (derived from ``MIGRATIONS``, never edited by hand)."""

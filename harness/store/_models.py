@@ -148,6 +148,9 @@ class TrialLinkModel(Base):
     trial_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     searcher: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Added by migration 4: the measurement setting the trial was told from, as JSON (``device``,
+    # ``extractor``, ``protocols``: metric -> protocol); '{}' for links from before (any setting).
+    setting: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
 
 
 class ClaimModel(Base):
@@ -192,7 +195,7 @@ FRAME_COLUMNS = (
     "measurement_id", "candidate_id", "candidate_key", "supernet_id", "checkpoint_sha256", "family",
     "preset", "resolution", "params", "description", "config", "metric", "value", "std", "unit",
     "protocol", "extractor", "device", "torch_version", "seed", "status", "error", "wall_s", "extra",
-    "created_at", "cache_key", "identity", "study_names", "trial_numbers", "searchers",
+    "created_at", "cache_key", "identity", "study_names", "trial_numbers", "searchers", "link_settings",
 )  # fmt: skip
 
 
@@ -212,4 +215,5 @@ def frame_record(
         "study_names": [link.study_name for link in links],
         "trial_numbers": [link.trial_number for link in links],
         "searchers": [link.searcher for link in links],
+        "link_settings": [json.loads(link.setting or "{}") for link in links],
     }  # fmt: skip

@@ -464,13 +464,17 @@ class Store:
         *,
         optuna_trial_id: int | None = None,
         trial_number: int | None = None,
+        setting: Mapping[str, Any] | None = None,
     ) -> TrialLinkModel:
         """Link a candidate to an Optuna trial; idempotent per ``(candidate, study, trial_number)``.
 
+        ``setting`` is the measurement setting the trial's values came from (``device``, ``extractor``,
+        ``protocols``): an analysis of the study reads only rows of that setting (``None``: any setting).
         Links without ``trial_number`` are always inserted (nothing identifies a repeat).
         """
         values = {"candidate_id": candidate_id, "study_name": study_name, "searcher": searcher,
                   "optuna_trial_id": optuna_trial_id, "trial_number": trial_number,
+                  "setting": json.dumps(dict(setting or {}), sort_keys=True),
                   "created_at": utcnow()}  # fmt: skip
         with self.session() as session:
             if trial_number is None:
