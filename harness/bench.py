@@ -40,6 +40,7 @@ from harness.bench_gates import (
     write_baselines,
 )
 from harness.cli import run_cli
+from harness.device_policy import DevicePolicy, add_device_arguments, deployed, policy_from_args
 from harness.measurement.timing import MachineBusy
 from harness.metrics.flops import denoiser_flops
 from harness.metrics.latency import device_description, measure_latency
@@ -91,23 +92,28 @@ def counts() -> dict[str, Figure]:
     return out
 
 
-def _reader(net, threads: int, timing):
+def _inputs(net, cfg, device) -> dict:
+    """The guidance-pair inputs, drawn on the CPU (the same on every device) and moved to ``device``."""
+    with torch.device("cpu"):
+        return {k: v.to(device) for k, v in net.dummy_inputs(cfg, batch_size=2).items()}
+
+
+def _reader(net, threads: int, timing, policy: DevicePolicy):
     """A robust reading (``harness.measurement.timing``) of a callable, with the contention probe on the
-    space's smallest subnet under the guidance-pair inputs."""
+    space's smallest subnet under the guidance-pair inputs, deployed under ``policy``."""
     from harness.measurement.timing import probe_for, robust_reading
 
     def make_reference():
         cfg = net.space.smallest()
-        ref, inputs = net.extract(cfg).eval(), net.dummy_inputs(cfg, batch_size=2)
-        return lambda: ref(**inputs)
+        return deployed(net.extract(cfg).eval(), _inputs(net, cfg, policy.device), policy)
 
-    probe = probe_for(("bench", net.family, net.preset, threads), make_reference, torch.device("cpu"))
-    return lambda fn: robust_reading(fn, probe, timing, threads).value_ms
+    key = ("bench", net.family, net.preset, threads) + (() if policy.is_default else (policy,))
+    probe = probe_for(key, make_reference, policy.torch_device)
+    return lambda fn: robust_reading(fn, probe, timing, threads, policy.device).value_ms
 
 
-def _static_reading(read, net, cfg) -> float:
-    static, inputs = net.extract(cfg).eval(), net.dummy_inputs(cfg, batch_size=2)
-    return read(lambda: static(**inputs))
+def _static_reading(read, net, cfg, policy: DevicePolicy) -> float:
+    return read(deployed(net.extract(cfg).eval(), _inputs(net, cfg, policy.device), policy))
 
 
 def repeatability(first: list[float], second: list[float]) -> tuple[float, float]:
@@ -119,7 +125,9 @@ def repeatability(first: list[float], second: list[float]) -> tuple[float, float
     return float(spearmanr(a, b).statistic), float(np.median(np.abs(a - b) / np.minimum(a, b)))
 
 
-def latency(threads: int, n_configs: int = 10, n_repeat: int = 12) -> dict[str, Figure]:
+def latency(
+    threads: int, n_configs: int = 10, n_repeat: int = 12, policy: DevicePolicy | None = None
+) -> dict[str, Figure]:
     """Latency figures, each a ratio or a rank measured in this run, every timing a clean robust reading
     of the default protocol (``MeasureSettings().timing``; a busy machine is retried, then reported):
 
@@ -127,29 +135,42 @@ def latency(threads: int, n_configs: int = 10, n_repeat: int = 12) -> dict[str, 
     - the 100 % / 40 % subnet speedup (each read twice, interleaved, medians);
     - repeatability: two interleaved rounds of readings of ``n_repeat`` random subnets (shuffled orders),
       their Spearman and median relative difference, and, for comparison, the same for one
-      ``measure_latency(min_run_time=0.25)`` reading each (the protocol before robust readings)."""
+      ``measure_latency(min_run_time=0.25)`` reading each (the protocol before robust readings).
+
+    Every forward runs under ``policy`` (default: fp32 eager on the CPU); the sliced supernet is timed
+    eagerly under its precision (compiling a supernet per config is not what a search times)."""
     from harness.measurement.settings import MeasureSettings
 
-    net = build_supernet("pixel-base", "tiny").eval()
-    read = _reader(net, threads, MeasureSettings().timing)
+    policy = policy or DevicePolicy()
+    net = build_supernet("pixel-base", "tiny").eval().to(policy.torch_device)
+    read = _reader(net, threads, MeasureSettings().timing, policy)
+    eager = DevicePolicy(policy.device, policy.precision)
     rng = np.random.default_rng(0)
     ratios = []
     for _ in range(n_configs):
         cfg = net.space.sample(rng)
-        inputs = net.dummy_inputs(cfg, batch_size=2)
-        sliced = read(lambda inputs=inputs, cfg=cfg: net(**inputs, subnet=cfg))
-        ratios.append(sliced / _static_reading(read, net, cfg))
+        inputs = _inputs(net, cfg, policy.device)
+
+        def sliced_fn(inputs=inputs, cfg=cfg):
+            with eager.autocast():
+                return net(**inputs, subnet=cfg)
+
+        sliced = read(sliced_fn)
+        ratios.append(sliced / _static_reading(read, net, cfg, eager))
     big_cfg, small_cfg = net.space.largest(), net.space.subnet_at_fraction(0.4)
-    pairs = [(_static_reading(read, net, big_cfg), _static_reading(read, net, small_cfg)) for _ in range(2)]
+    pairs = [
+        (_static_reading(read, net, big_cfg, policy), _static_reading(read, net, small_cfg, policy))
+        for _ in range(2)
+    ]
     speedup = statistics.median(b for b, _ in pairs) / statistics.median(s for _, s in pairs)
     cfgs = [net.space.sample(rng) for _ in range(n_repeat)]
     rounds: dict[str, list[dict[int, float]]] = {"robust": [{}, {}], "single": [{}, {}]}
     for r in range(2):
         for i in rng.permutation(n_repeat):
-            rounds["robust"][r][i] = _static_reading(read, net, cfgs[i])
-            static, inputs = net.extract(cfgs[i]).eval(), net.dummy_inputs(cfgs[i], batch_size=2)
+            rounds["robust"][r][i] = _static_reading(read, net, cfgs[i], policy)
+            static, inputs = net.extract(cfgs[i]).eval(), _inputs(net, cfgs[i], policy.device)
             rounds["single"][r][i] = measure_latency(
-                static, inputs, threads=threads, min_run_time=0.25
+                static, inputs, device=policy.device, threads=threads, min_run_time=0.25, policy=policy
             ).median_ms
     rep = {k: repeatability([v[0][i] for i in range(n_repeat)], [v[1][i] for i in range(n_repeat)])
            for k, v in rounds.items()}  # fmt: skip
@@ -225,17 +246,22 @@ def training(threads: int, n_configs: int = 6, batch: int = 4) -> dict[str, Figu
     return {"training/super_over_static_step_median": Figure(statistics.median(ratios), gate)}
 
 
-def quality() -> dict[str, Figure]:
+def quality(policy: DevicePolicy | None = None) -> dict[str, Figure]:
     """Offline-extractor FVD of the shipped supernet's largest and 40% subnets at fixed seeds, and how many
     of those videos move the way their prompt says (the synthetic data's motion check; a floor, chance is
     0.25): the quality metric of a search, computed without a store."""
     from harness.candidates import Candidate
     from harness.measurement import FrechetQuality, Generation, MeasureSettings
 
+    policy = policy or DevicePolicy()
     base = load_bundle(DEFAULT_BASE)
-    settings = MeasureSettings(fvd_videos=16, real_videos=128, steps=8, seed=0, checks=("motion_alignment",))
+    settings = MeasureSettings(fvd_videos=16, real_videos=128, steps=8, seed=0, checks=("motion_alignment",),
+                               device=policy.device, precision=policy.precision)  # fmt: skip
+    policy.place(base)
     metric = FrechetQuality(
-        Generation(base, None, settings.steps, settings.guidance), base.text_encoder.load(), settings
+        Generation(base, None, settings.steps, settings.guidance, settings.policy),
+        base.text_encoder.load(policy.device),
+        settings,
     )
     out = {}
     for name, cfg in (
@@ -289,7 +315,10 @@ def main(argv=None) -> None:
     p.add_argument("--only", action="append", choices=GROUPS, help="run only these groups (repeatable)")
     p.add_argument("--report", default=str(RESULTS / "bench-report.json"), help="JSON report path")
     p.add_argument("--threads", type=int, default=2, help="torch threads for timings")
+    add_device_arguments(p, latency=True, text=False)
     args = p.parse_args(argv)
+    policy = policy_from_args(args)  # before minutes of work: --device cuda here fails at once
+    policy.apply()
     groups = args.only or list(DEFAULT_GROUPS)
     if "instructions" in groups and shutil.which("valgrind") is None:
         raise FileNotFoundError("--only instructions needs valgrind (apt-get install -y valgrind)")
@@ -303,9 +332,9 @@ def main(argv=None) -> None:
     figures: dict[str, Figure] = {}
     runners = {
         "counts": counts,
-        "latency": lambda: latency(args.threads),
-        "training": lambda: training(args.threads),
-        "quality": quality,
+        "latency": lambda: latency(args.threads, policy=policy),
+        "training": lambda: training(args.threads),  # the training step is timed on the CPU (fp32)
+        "quality": lambda: quality(policy),
         "instructions": instructions,
     }
     busy = []
@@ -314,12 +343,18 @@ def main(argv=None) -> None:
             figures.update(runners[g]())
         except MachineBusy as e:  # not a regression, but no figure either: the gate fails, saying why
             busy.append(f"{g}: {e}")
+    if not policy.is_default:  # the stored gates are the CPU fp32 figures': another policy has its own
+        tag = f"@{policy.device}:{policy.precision}" + (":compiled" if policy.compile else "")
+        tag += ":cudagraphs" if policy.cuda_graphs else ""
+        figures = {f"{name}{tag}" if name.split("/")[0] in ("latency", "quality") else name: figure
+                   for name, figure in figures.items()}  # fmt: skip
     rows = compare(figures, baselines)
     if rows:
         _print_table(rows)
     failing = [r for r in rows if r["verdict"] in FAILING]
     report = {
-        "device": device_description("cpu"),
+        "device": device_description(policy.device),
+        "policy": policy.provenance(),
         "threads": args.threads,
         "torch": torch.__version__,
         "baselines": str(path),

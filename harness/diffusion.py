@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from harness.device_policy import default_device
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_SCHEDULE = "squaredcos_cap_v2"  # cosine (Nichol & Dhariwal): better than linear at 16-64px
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -57,6 +59,12 @@ class NoiseSchedule:
         return _train_scheduler(self)
 
     def sampling_scheduler(self, steps: int) -> DDIMScheduler:
+        # diffusers builds its tables with the default device: they are CPU tables indexed by Python ints
+        # (0-dim CPU tensors mix with any device), whatever default device the caller runs under.
+        with default_device("cpu"):
+            return self._sampling_scheduler(steps)
+
+    def _sampling_scheduler(self, steps: int) -> DDIMScheduler:
         if self.zero_terminal_snr:  # start at t = 999 (pure noise) and end on the clean sample
             sched = DDIMScheduler(**self._kwargs(), set_alpha_to_one=True, timestep_spacing="trailing")
         else:  # not t=999: x0 from eps blows up there
@@ -89,7 +97,8 @@ class NoiseSchedule:
 
 @functools.cache
 def _train_scheduler(schedule: NoiseSchedule) -> DDPMScheduler:
-    return DDPMScheduler(**schedule._kwargs())
+    with default_device("cpu"):  # cached for the process: never on a caller's default device
+        return DDPMScheduler(**schedule._kwargs())
 
 
 SCHEDULES = {
@@ -130,7 +139,9 @@ def noise_augment(
     is drawn from ``generator`` when ``None``."""
     sched = EPS_COSINE.train_scheduler()
     t = (level * (NUM_TRAIN_TIMESTEPS - 1)).round().long()
-    noise = (torch.randn(low_res.shape, generator=generator) if noise is None else noise).to(low_res)
+    if noise is None:  # a generator is a CPU one here (seeded draws are made on the CPU, then moved)
+        noise = torch.randn(low_res.shape, generator=generator, device="cpu")
+    noise = noise.to(low_res)
     return sched.add_noise(low_res, noise, t)
 
 
@@ -147,6 +158,7 @@ def ddim_sample(
     clip: bool = True,
     schedule: NoiseSchedule = EPS_COSINE,
     noise: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
     **conditioning,
 ) -> torch.Tensor:
     """DDIM sampling with classifier-free guidance: ``out = out_null + g * (out_text - out_null)`` on the
@@ -155,15 +167,18 @@ def ddim_sample(
     ``shape`` ``(B, C, T, H, W)``; ``context``/``null`` ``(B, L, D)`` text tokens (``None`` when
     unconditional or ``guidance == 1``). Conditioning tensors are repeated for the doubled batch.
     ``noise``: the initial sample ``shape`` (drawn from ``generator`` when ``None``), so a caller can
-    seed every video of a batch on its own; DDIM (eta 0) draws nothing after it.
+    seed every video of a batch on its own; DDIM (eta 0) draws nothing after it. ``device``: where the
+    sample lives (``None``: the conditioning's, else the noise's device); the denoiser's output is taken
+    in float32 (an autocast forward returns half precision) before guidance and the DDIM update.
     Returns the sample, clamped to [-1, 1] when ``clip`` (pixels; latents are returned as they are).
     """
     sched = schedule.sampling_scheduler(steps)
     if noise is not None and tuple(noise.shape) != tuple(shape):
         raise ValueError(f"initial noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
-    x = torch.randn(shape, generator=generator) if noise is None else noise
-    device = next(iter(conditioning.values())).device if conditioning else None
-    x = x.to(device) if device is not None else x
+    x = torch.randn(shape, generator=generator, device="cpu") if noise is None else noise
+    if device is None:
+        device = next(iter(conditioning.values())).device if conditioning else x.device
+    x = x.to(device)
     guided = context is not None and null is not None and guidance != 1.0
     timesteps = sched.timesteps if progress is None else progress(sched.timesteps)
     for t in timesteps:
@@ -171,10 +186,10 @@ def ddim_sample(
         if guided:
             cond = {k: torch.cat([v, v]) for k, v in conditioning.items()}
             out = denoiser(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, null]), **cond)
-            out_text, out_null = out.chunk(2)
+            out_text, out_null = out.float().chunk(2)
             out = out_null + guidance * (out_text - out_null)
         else:
-            out = denoiser(x, tt, context, **conditioning)
+            out = denoiser(x, tt, context, **conditioning).float()
         x = sched.step(out, t, x, generator=generator).prev_sample
     return x.clamp(-1, 1) if clip else x
 

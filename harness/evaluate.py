@@ -82,7 +82,9 @@ def main(argv=None) -> None:
     url = validate_storage_url(args.storage)
     settings = settings_from_args(args, shared_storage=not url.startswith("sqlite"))
     torch.set_num_threads(args.threads)
+    settings.policy.apply()  # explicit float32 numerics, before any model runs
     base = load_bundle(args.checkpoint)
+    settings.policy.place(base)
     net = base.supernet  # extracted subnets are measured through their supernet
     cfg = (
         _config(args.subnet, net)
@@ -94,12 +96,13 @@ def main(argv=None) -> None:
     ssr, cand = None, Candidate(cfg)
     if args.ssr_subnet:
         ssr = load_bundle(args.ssr_checkpoint)
+        settings.policy.place(ssr)
         cand = Candidate(cfg, _config(args.ssr_subnet, ssr.supernet)).validate(net, ssr.supernet)
     from harness.metrics.fvd import resolve_extractor
 
     quality = any(m in QUALITY_METRICS for m in metrics)
-    extractor = resolve_extractor(args.fvd_weights) if quality else None
-    text = base.text_encoder.load() if base.text_encoder else None
+    extractor = resolve_extractor(args.fvd_weights, settings.device) if quality else None
+    text = base.text_encoder.load(settings.device, dtype=args.text_dtype) if base.text_encoder else None
     predictors = load_predictors(base, ssr) if args.latency == "predicted" else None
     store = Store.open(url)
     measurer = Measurer(base, ssr, text, settings, store, predictors=predictors, extractor=extractor)
@@ -118,6 +121,9 @@ def main(argv=None) -> None:
     if quality:
         print_quality_details(extra)
         print(f"FVD/KVD extractor: {extractor.name}; latency per generated video on {measurer.device_name}")
+    policy = settings.policy
+    print(f"device {policy.device} ({measurer.device_name}), precision {policy.precision}"
+          f"{', compiled' if policy.compile else ''}{', CUDA graphs' if policy.cuda_graphs else ''}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -40,11 +40,19 @@ class TextEncoderSpec:
     name: str = DEFAULT_TEXT_ENCODER
     max_length: int = 8
 
-    def load(self, device: str | torch.device = "cpu", cache_dir: str | Path | None = None):
-        """The one factory of text encoders (``harness.text_encoder.FrozenTextEncoder``)."""
-        from harness.text_encoder import load_text_encoder
+    def load(
+        self,
+        device: str | torch.device = "cpu",
+        cache_dir: str | Path | None = None,
+        dtype: str = "fp32",
+        cache_mib: float | None = None,
+    ):
+        """The one factory of text encoders (``harness.text_encoder.FrozenTextEncoder``): on ``device``
+        with weights in ``dtype`` (``"bf16"`` for T5 at scale) and an embedding cache of ``cache_mib``."""
+        from harness.text_encoder import DEFAULT_CACHE_MIB, load_text_encoder
 
-        return load_text_encoder(self.name, max_length=self.max_length, cache_dir=cache_dir, device=device)
+        return load_text_encoder(self.name, max_length=self.max_length, cache_dir=cache_dir, device=device,
+                                 dtype=dtype, cache_mib=cache_mib or DEFAULT_CACHE_MIB)  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)

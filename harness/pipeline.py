@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from harness.device_policy import DevicePolicy
 from harness.diffusion import bind_subnet, ddim_sample, noise_augment, null_context
 from harness.latent import LatentCodec
 from harness.models import ModelBundle, in_memory
@@ -27,19 +28,29 @@ class Chain:
 
     ``base`` and ``ssr`` are ``ModelBundle``s (a bare network is wrapped by ``harness.models.in_memory``:
     the paper's noise schedule, no codec); ``text_encoder`` is the loaded encoder (``None`` when
-    unconditional). A latent base model's codec decodes its samples to pixels."""
+    unconditional). A latent base model's codec decodes its samples to pixels. ``policy``: the device
+    and precision generation runs under (``harness.device_policy``; ``None``: fp32 on the device the
+    base network's weights are on); the models must be there already (``DevicePolicy.place``)."""
 
     base: ModelBundle
     ssr: ModelBundle | None = None
     text_encoder: object | None = None
     base_subnet: SubnetConfig | None = None
     ssr_subnets: dict[int, SubnetConfig] = field(default_factory=dict)
+    policy: DevicePolicy | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, ModelBundle):
             self.base = in_memory(self.base)
         if self.ssr is not None and not isinstance(self.ssr, ModelBundle):
             self.ssr = in_memory(self.ssr)
+
+    @property
+    def run_policy(self) -> DevicePolicy:
+        if self.policy is not None:
+            return self.policy
+        param = next(self.base.network.parameters(), None)
+        return DevicePolicy(str(param.device) if param is not None else "cpu")
 
     @property
     def codec(self) -> LatentCodec | None:
@@ -112,13 +123,18 @@ def video_seeds(seed: int, start: int, stop: int) -> list[int]:
 class _Noise:
     """Where a generation's random draws come from: one generator for the whole batch (``seed``, the
     original behaviour, bit-identical), or one generator per video (``video_seeds``), each drawing its
-    video's slice of every random tensor in the same order as the batched draw."""
+    video's slice of every random tensor in the same order as the batched draw. Draws are made on the
+    CPU (so a seed gives the same noise on every device) and moved to ``device``."""
 
-    def __init__(self, batch: int, seed: int, per_video: Sequence[int] | None):
+    def __init__(self, batch: int, seed: int, per_video: Sequence[int] | None, device: torch.device):
         if per_video is not None and len(per_video) != batch:
             raise ValueError(f"got {len(per_video)} video seeds for {batch} prompts; give one per prompt")
-        self.shared = torch.Generator().manual_seed(seed) if per_video is None else None
-        self.own = [torch.Generator().manual_seed(int(s)) for s in per_video] if per_video is not None else []
+        self.device = device
+        cpu = torch.device("cpu")
+        self.shared = torch.Generator(cpu).manual_seed(seed) if per_video is None else None
+        self.own = (
+            [torch.Generator(cpu).manual_seed(int(s)) for s in per_video] if per_video is not None else []
+        )
 
     @property
     def generator(self) -> torch.Generator | None:
@@ -127,8 +143,9 @@ class _Noise:
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
         if self.shared is not None:
-            return torch.randn(shape, generator=self.shared)
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in self.own])
+            return torch.randn(shape, generator=self.shared, device="cpu").to(self.device)
+        draws = [torch.randn((1, *shape[1:]), generator=g, device="cpu") for g in self.own]
+        return torch.cat(draws).to(self.device)
 
 
 def _base_denoiser(chain: Chain):
@@ -160,13 +177,22 @@ def generate(
     2-core Xeon: 4 of 147,456 values one 8-bit level apart).
 
     With a latent codec, ``resolution`` is the latent size and the decoded video is
-    ``(B, 3, T * d_t, R * d_h, R * d_w)``."""
+    ``(B, 3, T * d_t, R * d_h, R * d_w)``. Runs on ``chain.run_policy``'s device and precision; the
+    video is float32 on that device."""
+    policy = chain.run_policy
+    with policy.autocast():
+        return _generate(chain, prompts, resolution, steps, ssr_steps, guidance, seed, aug_level,
+                         progress, video_seeds, policy.torch_device).float()  # fmt: skip
+
+
+def _generate(chain, prompts, resolution, steps, ssr_steps, guidance, seed, aug_level, progress, video_seeds,
+              device: torch.device) -> torch.Tensor:  # fmt: skip
     resolution = resolution or chain.base_resolution
     stages = chain.stages(resolution)
     b, frames = len(prompts), chain.frames
-    noise = _Noise(b, seed, video_seeds)
+    noise = _Noise(b, seed, video_seeds, device)
     g = noise.generator
-    context = chain.text_encoder.encode(prompts) if chain.text_encoder is not None else None
+    context = chain.text_encoder.encode(prompts).to(device) if chain.text_encoder is not None else None
     bar = (lambda it: tqdm(it, leave=False, desc="denoise")) if progress else None
 
     shape = (b, chain.channels, frames, stages[0], stages[0])
@@ -182,11 +208,12 @@ def generate(
         clip=chain.codec is None,
         schedule=chain.base.schedule,
         noise=noise.randn(shape),
+        device=device,
     )
     if chain.codec is not None:
         return chain.codec.decode(video)
     for r in stages[1:]:
-        level = torch.full((b,), aug_level)
+        level = torch.full((b,), aug_level, device=device)
         low = noise_augment(video, level, noise=noise.randn(tuple(video.shape)))
         sub = chain.ssr_subnet(r)
         ssr = chain.ssr.network
@@ -204,5 +231,6 @@ def generate(
             low_res=low,
             noise_level=level,
             noise=noise.randn((b, 3, frames, r, r)),
+            device=device,
         )
     return video

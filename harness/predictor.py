@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.device_policy import add_device_arguments, policy_from_args
 from harness.measurement.settings import MeasureSettings
 from harness.measurement.timing import MachineBusy
 from harness.metrics.latency_predictor import LatencyPredictor
@@ -43,7 +44,6 @@ def _parser() -> argparse.ArgumentParser:
         default=MeasureSettings().threads,
         help="intra-op threads (the search's --threads default)",
     )
-    p.add_argument("--device", default="cpu")
     p.add_argument("--fit", type=int, default=80, help="subnets measured for fitting")
     p.add_argument("--holdout", type=int, default=30, help="held-out subnets for the calibration report")
     p.add_argument("--rounds", type=int, default=5, help="interleaved readings per subnet")
@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="predictor JSON path")
     p.add_argument("--no-progress", action="store_true")
+    # --compile / --cuda-graphs are not offered: the fit times many fresh subnets, one compile each
+    add_device_arguments(p, latency=False, text=False)
     return p
 
 
@@ -113,25 +115,31 @@ def format_report(predictor: LatencyPredictor) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        net = _load_net(args)
+        policy = policy_from_args(args)  # before anything is built: a missing GPU is one line
+        policy.apply()
+        net = _load_net(args).to(policy.torch_device)
         resolution = args.resolution or net.space.default_resolution
         if resolution not in net.space.resolutions:
             raise ValueError(f"resolution {resolution} is not one of {list(net.space.resolutions)}")
-        predictor = LatencyPredictor.fit(
-            net,
-            resolution=resolution,
-            frames=args.frames,
-            batch=args.batch,
-            n_fit=args.fit,
-            n_holdout=args.holdout,
-            threads=args.threads,
-            seed=args.seed,
-            min_run_time=args.min_run_time,
-            rounds=args.rounds,
-            clock=args.clock,
-            device=args.device,
-            progress=not args.no_progress,
-        )
+        with policy.autocast():  # every timed forward runs in this thread under the precision
+            predictor = LatencyPredictor.fit(
+                net,
+                resolution=resolution,
+                frames=args.frames,
+                batch=args.batch,
+                n_fit=args.fit,
+                n_holdout=args.holdout,
+                threads=args.threads,
+                seed=args.seed,
+                min_run_time=args.min_run_time,
+                rounds=args.rounds,
+                clock=args.clock,
+                device=args.device,
+                progress=not args.no_progress,
+            )
+        if policy.precision != "fp32":  # what the search's Latency.conditions() compares against
+            predictor.provenance["dtype"] = policy.precision
+        predictor.provenance["policy"] = policy.provenance()
     except (ValueError, FileNotFoundError, MachineBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from harness.cli import run_cli
+from harness.device_policy import add_device_arguments, policy_from_args
 from harness.models import load_bundle
 from harness.paths import DEFAULT_BASE, DEFAULT_SSR
 from harness.pipeline import Chain, generate
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="sample.gif", help="output GIF (a PNG frame grid is written beside it)")
+    add_device_arguments(p, latency=False)
     return p
 
 
@@ -63,14 +65,18 @@ def _read_config(path: str, model) -> SubnetConfig:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    policy = policy_from_args(args)  # before loading anything: a missing GPU is one line
+    policy.apply()
     base = load_bundle(args.checkpoint)
     if not args.prompt and base.text_encoder is not None:
         raise ValueError('this model is text-conditioned: pass --prompt "..."')
     prompts = args.prompt or [""] * args.num_videos
     resolution = args.resolution
     ssr = load_bundle(args.ssr_checkpoint) if resolution and resolution > base.default_resolution else None
-    text = base.text_encoder.load() if base.text_encoder else None  # latent: unconditional
-    chain = Chain(base, ssr, text)
+    policy.place(base)
+    policy.place(ssr)
+    text = base.text_encoder.load(policy.device, dtype=args.text_dtype) if base.text_encoder else None
+    chain = Chain(base, ssr, text, policy=policy)
     if args.subnet:
         if not base.is_supernet:
             raise ValueError("--subnet applies to a supernet checkpoint; this checkpoint is already a subnet")
@@ -89,7 +95,7 @@ def main(argv=None) -> None:
             guidance=args.guidance,
             seed=args.seed,
             progress=True,
-        )
+        ).cpu()
     out = save_gif(video, args.out)
     grid = save_frame_grid(video, Path(args.out).with_suffix(".png"))
     print(f"wrote {out} and {grid}: {tuple(video.shape)} (B, C, T, H, W)")

@@ -30,6 +30,7 @@ from harness.measurement import (
 )
 from harness.measurement.predictors import load_predictors
 from harness.measurement.quality import GeneratedVideoCache
+from harness.measurement.settings import study_settings
 from harness.metric_names import OBJECTIVES, search_objectives
 from harness.models import add_model_arguments, load_chain
 from harness.paths import DEFAULT_STORAGE
@@ -141,9 +142,12 @@ def main(argv=None) -> None:
     )
     promotion.check_against(settings)
     torch.set_num_threads(args.threads)
+    settings.policy.apply()  # explicit float32 numerics, before any model runs
     base, ssr, resolution = load_chain(args.checkpoint, args.ssr_checkpoint, args.resolution)
+    settings.policy.place(base)  # once, for every consumer (generation, timing, the limit check)
+    settings.policy.place(ssr)
     net = base.supernet
-    text = base.text_encoder.load() if base.text_encoder else None
+    text = base.text_encoder.load(settings.device, dtype=args.text_dtype) if base.text_encoder else None
     encoding = CandidateEncoding(
         net.space, ssr.supernet.space if ssr else None, resolution, net.space.default_resolution
     )
@@ -151,11 +155,15 @@ def main(argv=None) -> None:
     limits = {"params": args.max_params, "flops": args.max_flops, "latency_ms": args.max_latency}
     from harness.metrics.fvd import resolve_extractor
 
-    extractor = resolve_extractor(args.fvd_weights)  # fails here, before anything is written
+    extractor = resolve_extractor(args.fvd_weights, settings.device)  # fails here, before anything is written
     predictors = load_predictors(base, ssr) if args.latency == "predicted" else None
     smallest = Candidate(net.space.smallest(), ssr.supernet.space.smallest(resolution) if ssr else None)
     check_limits_reachable(
-        Generation(base, ssr, settings.steps, settings.guidance), settings, smallest, limits, predictors
+        Generation(base, ssr, settings.steps, settings.guidance, settings.policy),
+        settings,
+        smallest,
+        limits,
+        predictors,
     )
 
     # Only now is anything written: the store, then the study.
@@ -197,7 +205,7 @@ def main(argv=None) -> None:
                 "resolution": resolution,
                 "checkpoint": str(Path(args.checkpoint).resolve()),
                 **({"ssr_checkpoint": str(Path(args.ssr_checkpoint).resolve())} if ssr else {}),
-                "settings": asdict(settings),
+                "settings": study_settings(settings),  # policy fields only when not the default
                 "promotion": asdict(promotion),
                 "limits": {m: lim for m, lim in limits.items() if lim is not None},
                 "fidelity_protocols": {

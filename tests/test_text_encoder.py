@@ -121,3 +121,45 @@ def test_t5_from_local_directory(tmp_path: Path) -> None:
     assert type(encoder.model).__name__ == "T5EncoderModel"
     assert encoder.dim == 16 and encoder.identity.startswith("t5:tiny-t5@local")
     assert encoder.encode(["a red square", ""]).shape == (2, 6, 16)
+
+
+def test_embedding_cache_is_bounded_and_backed_by_its_file(tmp_path: Path) -> None:
+    """An LRU of ``cache_mib``: 12 KiB per MiniLM caption (8 x 384 float32 + mask), a 30 KiB bound
+    keeps two; the others are re-encoded (same values) or, once saved, read back one at a time."""
+    small = load_text_encoder("minilm", max_length=8, cache_mib=30 / 1024, cache_dir=tmp_path)
+    captions = [f"a large red square moving left {k}" for k in range(6)]
+    reference = small.encode(captions)  # one batch: the values below come from the same batch size
+    assert len(small._cache) == 2 and small._held_bytes <= small.cache_bytes
+    assert [small.cached(c) for c in captions] == [False] * 4 + [True] * 2
+    small.save_cache()  # keeps what the file had, plus memory
+    small.clear_cache()
+    assert torch.equal(small.encode(captions[4:]), reference[4:])  # from the file, not the encoder
+    reopened = load_text_encoder("minilm", max_length=8, cache_mib=30 / 1024, cache_dir=tmp_path)
+    assert reopened.load_cache() == 2 and len(reopened._cache) == 0  # indexed, not read whole
+    assert reopened.cached(captions[5]) and torch.equal(reopened.encode([captions[5]])[0], reference[5])
+    with pytest.raises(TextEncoderError, match="positive size"):
+        load_text_encoder("minilm", cache_mib=0)
+
+
+def test_bf16_weights_give_float32_embeddings_close_to_fp32(encoder: FrozenTextEncoder) -> None:
+    half = load_text_encoder("minilm", max_length=8, dtype="bf16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16 and half.identity.endswith(";dtype=bf16")
+    assert "dtype" not in encoder.identity  # fp32 keeps the identity (and disk caches) of before
+    captions = ["a large red square moving left", "a small blue circle moving up"]
+    a, b = encoder.encode(captions), half.encode(captions)
+    assert b.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)).min() > 0.99
+    with pytest.raises(TextEncoderError, match="unknown text encoder dtype"):
+        load_text_encoder("minilm", dtype="int8")
+
+
+def test_a_callers_autocast_does_not_reach_the_encoder(encoder: FrozenTextEncoder) -> None:
+    """Embeddings are cached for every later caller: one made under a generation's bf16 autocast must
+    equal the fp32 one."""
+    captions = ["a small yellow circle moving down"]
+    encoder.clear_cache()
+    plain = encoder.encode(captions)
+    encoder.clear_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = encoder.encode(captions)
+    assert torch.equal(plain, under)

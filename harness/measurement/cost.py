@@ -8,6 +8,7 @@ the once-per-video work.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from harness.candidates import Candidate
+from harness.device_policy import DevicePolicy, deployed
 from harness.measurement.generation import Generation
 from harness.measurement.predictors import predictor_identity
 from harness.measurement.recorder import Computed, MeasurementFailed, MetricGroup
@@ -72,13 +74,12 @@ class FlopCount(CostMetric):
         g = self.generation
         stages = []
         for stage in g.denoisers(cand):
-            static = stage.supernet.extract(stage.subnet)
-            stages.append(
-                GenerationStage(
-                    static, g.stage_inputs(static, stage.resolution, 1), g.steps, g.guided, name=stage.name
-                )
-            )
-        stages += [GenerationStage(w.module, w.inputs, 1, False, name=w.name) for w in g.once_per_video(cand)]
+            static = stage.supernet.extract(stage.subnet)  # on the supernet's device: inputs go there
+            inputs = g.stage_inputs(static, stage.resolution, 1, _device_of(static))
+            stages.append(GenerationStage(static, inputs, g.steps, g.guided, name=stage.name))
+        codec = g.base.codec
+        once = g.once_per_video(cand, _device_of(codec.autoencoder)) if codec is not None else []
+        stages += [GenerationStage(w.module, w.inputs, 1, False, name=w.name) for w in once]
         return {"flops": float(generation_flops(stages))}, {"convention": "1 multiply-add = 1 FLOP"}
 
 
@@ -92,7 +93,13 @@ class Latency(CostMetric):
     standard error against a fresh quiet re-reading: the stages' SEs times the steps, summed (the
     between-reading part is machine state shared by the stages, so they are not independent).
     Predicted mode uses predictors fitted under the same per-forward conditions (batch, threads, frames,
-    device, dtype), checked when the metric is built."""
+    device, dtype), checked when the metric is built.
+
+    What is timed is the forward as deployed under the device policy (``harness.device_policy.deployed``:
+    the precision's autocast, optionally ``torch.compile`` and CUDA graphs), the policy's device
+    synchronised around every timed block; the reference of the contention probe runs the same way. The
+    protocol names the precision (``float32`` as before for fp32) and ``:compiled`` / ``:cudagraphs``;
+    ``extra["policy"]`` records device, precision, torch / CUDA versions and the matmul settings."""
 
     metrics = ("latency_ms",)
     versions: ClassVar[Mapping[str, int]] = {
@@ -109,10 +116,15 @@ class Latency(CostMetric):
         predictors: dict | None = None,
         timing: TimingProtocol | None = None,
         rerun: int = 0,
+        policy: DevicePolicy | None = None,
     ):
         """``min_run_time``: seconds timed per reading (split into ``timing.rounds`` rounds); ``timing``:
         the reading's protocol (``None``: :class:`MeasureSettings`' defaults); ``rerun`` > 0 names a
-        re-measurement (contract item 4)."""
+        re-measurement (contract item 4); ``policy``: precision, compile and CUDA graphs of the timed
+        forwards (``None``: fp32, eager, on ``device``)."""
+        self.policy = policy if policy is not None else DevicePolicy(device)
+        if torch.device(self.policy.device) != torch.device(device):
+            raise ValueError(f"latency device {device} differs from the policy's {self.policy.device}")
         self.generation, self.mode, self.threads = generation, mode, threads
         self.target, self.min_run_time, self.predictors = device, min_run_time, predictors or {}
         base = timing or MeasureSettings().timing
@@ -136,6 +148,7 @@ class Latency(CostMetric):
             predictors,
             timing=settings.timing,
             rerun=settings.rerun,
+            policy=settings.policy,
         )
 
     def conditions(self) -> dict:
@@ -146,13 +159,27 @@ class Latency(CostMetric):
             "threads": self.threads,
             "frames": g.frames,
             "device": str(torch.device(self.target)),
-            "dtype": _dtype(g.base.supernet),
+            "dtype": self._precision(),
         }
+
+    def _precision(self) -> str:
+        """The forwards' precision as protocols name it: the weights' dtype under fp32 (``float32``, as
+        before precisions existed), else the autocast precision."""
+        return (
+            _dtype(self.generation.base.supernet)
+            if self.policy.precision == "fp32"
+            else self.policy.precision
+        )
+
+    def _deployment(self) -> str:
+        return (":compiled" if self.policy.compile else "") + (
+            ":cudagraphs" if self.policy.cuda_graphs else ""
+        )
 
     def protocol(self, cand: Candidate) -> str:
         g = self.generation
         if self.mode == "measured":
-            kind = f"measured-static:{_dtype(g.base.supernet)}:{self.timing.name}"
+            kind = f"measured-static:{self._precision()}{self._deployment()}:{self.timing.name}"
         else:
             kind = "predicted"
         rerun = f":rerun{self.rerun}" if self.rerun > 0 else ""
@@ -162,7 +189,7 @@ class Latency(CostMetric):
         """The versions and, when predicted, each stage's predictor: its content hash and the device it
         was fitted on (a predicted value depends on them, not on the machine that computes it); a stage
         without a predictor is named with None (its measurement fails)."""
-        out = super().identity(cand)
+        out = {**super().identity(cand), **self.policy.identity()}  # nothing added for fp32 on the CPU
         if self.mode == "predicted":
             stages = {(s.supernet.family, s.resolution) for s in self.generation.denoisers(cand)}
             out["predictors"] = {
@@ -180,11 +207,13 @@ class Latency(CostMetric):
         inputs, timed around every reading (one per family, size and thread count)."""
         key = (supernet.family, supernet.preset, resolution, batch, self.generation.frames)
         key += (str(self.target), self.threads)
+        if not self.policy.is_default:  # the reference runs as the candidates do (fp32 keys unchanged)
+            key += (self.policy.precision, self.policy.compile, self.policy.cuda_graphs)
 
         def make():
             ref = supernet.extract(supernet.space.smallest(resolution)).to(self.target).eval()
-            inputs = _on(self.generation.stage_inputs(ref, resolution, batch), self.target)
-            return lambda: ref(**inputs)
+            inputs = self.generation.stage_inputs(ref, resolution, batch, self.target)
+            return deployed(ref, inputs, self.policy)
 
         calibration = f"{self.device}|torch {torch.__version__}|" + "|".join(map(str, key))
         return probe_for(key, make, torch.device(self.target), calibration)
@@ -202,10 +231,10 @@ class Latency(CostMetric):
                 )
             ms = float(predictor.predict(stage.supernet, stage.subnet))
             return {"stage": stage.name, "forward_ms": ms, "se_ms": ms * predictor.relative_error()}
-        static = stage.supernet.extract(stage.subnet).to(self.target).eval()
-        inputs = _on(g.stage_inputs(static, stage.resolution, g.batch_per_forward), self.target)
+        static = stage.supernet.extract(stage.subnet).to(self.target).eval()  # its own weights
+        inputs = g.stage_inputs(static, stage.resolution, g.batch_per_forward, self.target)
         probe = self._probe(stage.supernet, stage.resolution, g.batch_per_forward)
-        reading = self._read(lambda: static(**inputs), probe)
+        reading = self._read(deployed(static, inputs, self.policy), probe)
         return {
             "stage": stage.name,
             "forward_ms": reading.value_ms,
@@ -220,9 +249,9 @@ class Latency(CostMetric):
         se = sum(s["se_ms"] for s in per_stage) * g.steps
         once = g.once_per_video(cand, self.target)
         for work in once:
-            module = work.module.to(self.target).eval()
+            module = _on_device(work.module, self.target)
             probe = self._probe(g.base.supernet, cand.base.resolution, g.batch_per_forward)
-            reading = self._read(lambda module=module, work=work: module(**work.inputs), probe)
+            reading = self._read(deployed(module, work.inputs, self.policy), probe)
             per_stage.append(
                 {
                     "stage": work.name,
@@ -237,7 +266,13 @@ class Latency(CostMetric):
         extra = {
             "stages": per_stage,
             "threads": self.threads,
-            "dtype": _dtype(g.base.supernet),
+            "dtype": self._precision(),
+            "policy": self.policy.provenance(),
+            "timed": (
+                f"{'torch.compile' if self.policy.compile else 'eager'} forwards"
+                f"{' replayed from CUDA graphs' if self.policy.cuda_graphs else ''} under {self.policy.precision}"
+                f", {self.policy.device} synchronised around every timed block"
+            ),
             "batch_per_forward": g.batch_per_forward,
             "frames": g.pixel_frames,
             "resolution": g.pixel_resolution(cand),
@@ -273,5 +308,16 @@ def _dtype(net) -> str:
     return str(param.dtype).removeprefix("torch.") if param is not None else "float32"
 
 
-def _on(inputs: dict, device) -> dict:
-    return {k: v.to(device) for k, v in inputs.items()}
+def _device_of(module: torch.nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _on_device(module: torch.nn.Module, device) -> torch.nn.Module:
+    """``module`` when its weights are on ``device``, else a copy there: the once-per-video module is
+    the bundle's own (the codec generation decodes with), and moving it in place would strand the
+    generation on the other device (the latent-family failure of issue 18)."""
+    param = next(module.parameters(), None)
+    if param is None or param.device == torch.device(device):
+        return module.eval()
+    return copy.deepcopy(module).to(device).eval()

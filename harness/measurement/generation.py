@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.candidates import Candidate
+from harness.device_policy import DevicePolicy
 from harness.models import ModelBundle
 from harness.pipeline import Chain
 from search_spaces import SubnetConfig, Supernet, make_dummy_inputs
@@ -37,10 +38,20 @@ class OncePerVideo:
 
 
 class Generation:
-    """The generation of candidates of one (base [, SSR]) pipeline under given steps and guidance."""
+    """The generation of candidates of one (base [, SSR]) pipeline under given steps and guidance, on
+    ``policy``'s device and precision (``None``: fp32 on the CPU). The bundles must be on that device
+    already (``DevicePolicy.place``, done by ``Measurer``); nothing here moves a shared model."""
 
-    def __init__(self, base: ModelBundle, ssr: ModelBundle | None, steps: int, guidance: float):
+    def __init__(
+        self,
+        base: ModelBundle,
+        ssr: ModelBundle | None,
+        steps: int,
+        guidance: float,
+        policy: DevicePolicy | None = None,
+    ):
         self.base, self.ssr, self.steps, self.guidance = base, ssr, steps, guidance
+        self.policy = policy or DevicePolicy()
 
     @property
     def guided(self) -> bool:
@@ -73,22 +84,23 @@ class Generation:
         return out
 
     def once_per_video(self, cand: Candidate, device: str | torch.device = "cpu") -> list[OncePerVideo]:
+        """The once-per-video work with its inputs on ``device`` (drawn on the CPU, seeded, then moved).
+        The module is the bundle's own (shared with generation): a caller must not move it."""
         codec = self.base.codec
         if codec is None:
             return []
-        z = torch.randn(
-            1,
-            codec.channels,
-            self.frames,
-            cand.resolution,
-            cand.resolution,
-            generator=torch.Generator().manual_seed(0),
-        )
+        shape = (1, codec.channels, self.frames, cand.resolution, cand.resolution)
+        z = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(0), device="cpu")
         return [OncePerVideo("decode", codec.decoder_module(), {"latents": z.to(device)})]
 
-    def stage_inputs(self, static: torch.nn.Module, resolution: int, batch: int) -> dict[str, torch.Tensor]:
-        """Inputs of one forward of a stage's static subnet (random, seeded)."""
-        return make_dummy_inputs(static.spec, resolution, self.frames, batch, seed=0)
+    def stage_inputs(
+        self, static: torch.nn.Module, resolution: int, batch: int, device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Inputs of one forward of a stage's static subnet (random, seeded), on ``device``: drawn on the
+        CPU (the same inputs on every device), then moved."""
+        with torch.device("cpu"):  # make_dummy_inputs draws without device=: pin its default
+            inputs = make_dummy_inputs(static.spec, resolution, self.frames, batch, seed=0)
+        return {k: v.to(device) for k, v in inputs.items()}
 
     def suffix(self, cand: Candidate) -> str:
         """The generation's part of a protocol string, e.g. ``ddim8:cfg:16px:12f``."""
@@ -101,4 +113,5 @@ class Generation:
 
     def chain(self, cand: Candidate, text_encoder) -> Chain:
         """The pipeline that generates ``cand``'s videos (``harness.pipeline.generate``)."""
-        return Chain(self.base, self.ssr, text_encoder, cand.base, cand.ssr_stages(cand.base.resolution))
+        return Chain(self.base, self.ssr, text_encoder, cand.base, cand.ssr_stages(cand.base.resolution),
+                     policy=self.policy)  # fmt: skip

@@ -68,9 +68,17 @@ class Measurer:
         """``text_encoder``: the loaded encoder (``None`` when unconditional); ``predictors``: latency
         predictors by ``(family, resolution)`` for ``settings.latency == "predicted"``; ``extractor``:
         the FVD feature extractor when the caller resolved it already; ``video_cache``: generated videos
-        shared with measurers of other fidelities (a screen's videos are the full protocol's first ones)."""
+        shared with measurers of other fidelities (a screen's videos are the full protocol's first ones).
+
+        The models are put on ``settings.device`` here, once, before any metric uses them (they are
+        shared by generation and timing), and the process's float32 numerics are set explicitly
+        (``harness.device_policy.DevicePolicy``)."""
         self.base, self.ssr, self.settings = base, ssr, settings
-        self.generation = Generation(base, ssr, settings.steps, settings.guidance)
+        policy = settings.policy
+        policy.apply()
+        policy.place(base)
+        policy.place(ssr)
+        self.generation = Generation(base, ssr, settings.steps, settings.guidance, policy)
         self.cost = cost_metrics(self.generation, settings, predictors)
         self.quality = FrechetQuality(
             self.generation, text_encoder, settings, extractor, video_cache=video_cache

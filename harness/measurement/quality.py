@@ -224,10 +224,14 @@ class FrechetQuality(QualityMetric):
 
     @property
     def extractor(self):
+        """The FVD feature extractor, on the settings' device (one given by the caller is moved there:
+        an extractor is this measurement's own instrument, in float32 whatever the precision)."""
         if self._extractor is None:
             from harness.metrics.fvd import resolve_extractor
 
-            self._extractor = resolve_extractor(self.settings.fvd_weights)
+            self._extractor = resolve_extractor(self.settings.fvd_weights, self.settings.device)
+        elif hasattr(self._extractor, "to"):
+            self._extractor = self._extractor.to(self.settings.device)
         return self._extractor
 
     def identity(self, cand: Candidate) -> dict[str, Any]:
@@ -238,6 +242,10 @@ class FrechetQuality(QualityMetric):
         if self._weights_sha256 is None:
             self._weights_sha256 = extractor_weights_sha256(self.extractor)
         out = {**super().identity(cand), "extractor_sha256": self._weights_sha256}
+        out.update(self.settings.policy.identity())  # nothing for fp32 on the CPU: older keys stay valid
+        text_dtype = getattr(self.text, "dtype", "fp32")
+        if text_dtype != "fp32":  # half-precision text embeddings move every generated video
+            out["text_dtype"] = text_dtype
         protocol = self.fvd_protocol(cand)
         key = real_stats_key(protocol)
         if key not in self._real_sha256:
@@ -265,9 +273,11 @@ class FrechetQuality(QualityMetric):
         )
         checks = f":checks={'+'.join(sorted(self.checks))}" if self.checks else ""
         version = f":{QUALITY_VERSION}-crn-u8-{p.uncertainty_tag}"
+        # The candidates' precision changes their videos, so it names another study (fp32: as before).
+        precision = "" if s.precision == "fp32" else f":{s.precision}"
         return (
             f"{p.name}:real{p.num_real}{real}:x{p.repeats}:ddim{s.steps}:g{s.guidance:g}{version}"
-            f":seed{s.seed}{checks}"
+            f":seed{s.seed}{precision}{checks}"
         )
 
     def prompts(self, protocol, seed: int, n: int) -> list[str]:
@@ -300,6 +310,7 @@ class FrechetQuality(QualityMetric):
         parts = [held[:have]] if have else []
         if have < n:
             s, chain = self.settings, self.generation.chain(cand, self.text)
+            chain.policy = s.policy  # the settings' device and precision, whatever the Generation's
             prompts = self.prompts(protocol, seed, n)
             start = have
             while start < n:  # chunks end on multiples of GENERATION_BATCH (see there)
@@ -366,6 +377,13 @@ class FrechetQuality(QualityMetric):
             "bootstrap": result.bootstrap,
             "floor": self._floor_record(cand),
             "settings": asdict(s),
+            "policy": s.policy.provenance(),
+            "text_encoder": {
+                "device": str(getattr(self.text, "device", "n/a")),
+                "dtype": getattr(self.text, "dtype", "n/a"),
+            }
+            if self.text is not None
+            else None,
             "text_alignment_by_attribute": by_attribute,
             "checks": {name: check(videos, captions) for name, check in self.checks.items()},
         }

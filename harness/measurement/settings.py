@@ -7,32 +7,32 @@ share cached measurements.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from harness.device_policy import DEFAULT_PRECISION, DevicePolicy, add_device_arguments, check_device
 from harness.measurement.timing import ESTIMATORS, TimingProtocol
 
-LATENCY_MODES = ("measured", "predicted")
+LATENCY_MODES = ["measured", "predicted"]  # modes without an argument
+LATENCY_MODE_KINDS: list[str] = []  # modes written "<kind>:<argument>"
+__all__ = [
+    "MeasureSettings",
+    "add_measure_arguments",
+    "check_device",
+    "check_latency_mode",
+    "settings_from_args",
+]
 _T = TimingProtocol  # its class attributes are its fields' defaults
 
 
-def check_device(device: str) -> None:
-    """Raise a one-line ``ValueError`` unless torch can run on ``device`` here (before anything is written)."""
-    import torch
-
-    try:
-        kind = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown --device {device!r}; use cpu or cuda (cuda:N for the N-th GPU)") from None
-    if kind.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported --device {device!r}; use cpu or cuda (cuda:N for the N-th GPU)")
-    if kind.type == "cuda":
-        count = torch.cuda.device_count()  # 0 without a driver; never initialises CUDA
-        if count == 0:
-            raise ValueError(f"--device {device}: no CUDA device on this machine; use --device cpu")
-        if kind.index is not None and kind.index >= count:
-            raise ValueError(
-                f"--device {device}: this machine has {count} CUDA device(s); use cuda:0..{count - 1}"
-            )
+def check_latency_mode(mode: str) -> str:
+    """``mode`` when it names a latency mode (``LATENCY_MODES``, or ``<kind>:<argument>`` for a kind in
+    ``LATENCY_MODE_KINDS``), else a one-line ``ValueError``. A new mode registers itself by adding its
+    name to ``LATENCY_MODES`` (no argument) or ``LATENCY_MODE_KINDS`` (with one)."""
+    kind, sep, argument = mode.partition(":")
+    if (not sep and mode in LATENCY_MODES) or (sep and argument and kind in LATENCY_MODE_KINDS):
+        return mode
+    known = [*LATENCY_MODES, *(f"{k}:<argument>" for k in LATENCY_MODE_KINDS)]
+    raise ValueError(f"unknown latency mode {mode!r}; use one of {', '.join(known)}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,9 @@ class MeasureSettings:
     latency: str = "measured"  # "measured" (extracted static subnet) or "predicted" (regression)
     threads: int = 2
     device: str = "cpu"
+    precision: str = DEFAULT_PRECISION  # harness.device_policy.PRECISIONS
+    compile: bool = False  # latency: time forwards through torch.compile
+    cuda_graphs: bool = False  # latency: replay forwards from CUDA graphs (GPU)
     seed: int = 0
     # Latency readings (harness.measurement.timing; defaults and their measurements in TimingProtocol).
     # Screen readings: dataclasses.replace(settings, min_run_time=0.15, latency_rounds=3).
@@ -74,14 +77,18 @@ class MeasureSettings:
         ):
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}")
-        check_device(self.device)
-        if self.latency not in LATENCY_MODES:
-            raise ValueError(f"unknown latency mode {self.latency!r}; use one of {', '.join(LATENCY_MODES)}")
+        _ = self.policy  # validates device, precision, compile and CUDA graphs (one line naming the option)
+        check_latency_mode(self.latency)
         if self.rerun < 0:
             raise ValueError(f"--rerun must be at least 0, got {self.rerun}")
         if not self.min_run_time > 0:
             raise ValueError(f"--latency-time must be positive, got {self.min_run_time}")
         _ = self.timing  # validates the latency reading's settings (one line naming the option)
+
+    @property
+    def policy(self) -> DevicePolicy:
+        """Where and in which precision everything is computed (``harness.device_policy``)."""
+        return DevicePolicy(self.device, self.precision, self.compile, self.cuda_graphs)
 
     @property
     def timing(self) -> TimingProtocol:
@@ -99,18 +106,32 @@ class MeasureSettings:
         )
 
 
+POLICY_FIELDS = ("precision", "compile", "cuda_graphs")  # added with issue 18
+
+
+def study_settings(settings: MeasureSettings) -> dict:
+    """``settings`` as a study records them (``dataclasses.asdict``), without the device-policy fields
+    that are at their defaults: a study created before they existed compares equal on resume (a missing
+    field reads as None on both sides), and one under another precision is still told apart."""
+    defaults = MeasureSettings()
+    out = asdict(settings)
+    for name in POLICY_FIELDS:
+        if out[name] == getattr(defaults, name):
+            del out[name]
+    return out
+
+
 def add_measure_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The measurement options (devices, protocols), with :class:`MeasureSettings`' defaults."""
     d = MeasureSettings()
     g = parser.add_argument_group("measurement")
-    g.add_argument("--device", default=d.device, help="device for sampling and latency (cpu, cuda)")
+    add_device_arguments(parser, latency=True, default_device=d.device)
     g.add_argument("--threads", type=int, default=d.threads, help="CPU threads for torch and latency timing")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of FVD sampling (and of the searcher)")
     g.add_argument(
         "--latency",
-        choices=LATENCY_MODES,
         default=d.latency,
-        help="latency of the extracted static subnet, or the predictor's estimate",
+        help="latency of the extracted static subnet (measured), or the predictor's estimate (predicted)",
     )
     g.add_argument(
         "--rerun",
@@ -197,6 +218,9 @@ def settings_from_args(args: argparse.Namespace, shared_storage: bool = False) -
         latency=args.latency,
         threads=args.threads,
         device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         seed=args.seed,
         min_run_time=args.latency_time,
         latency_rounds=args.latency_rounds,

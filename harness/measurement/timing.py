@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from harness.device_policy import synchronize
 from harness.measurement.calibration import calibrated_scale
 from harness.measurement.recorder import MeasurementDeferred
 
@@ -172,8 +173,7 @@ class OtherCpu:
 
 # -- timing --------------------------------------------------------------------------------------------
 def _sync(device: torch.device) -> None:
-    if device.type != "cpu" and torch.accelerator.is_available():
-        torch.accelerator.synchronize()
+    synchronize(device)  # the reading's device, not the current one
 
 
 def time_calls(fn: Callable[[], Any], calls: int, device: torch.device) -> float:

@@ -275,7 +275,8 @@ def load_extractor(
         raise ValueError(
             f"{weights_path} has sha256 {actual}, but {meta_path.name} records {metadata.get('weights_sha256')}"
         )
-    network = ProxyVideoNet(ProxyConfig.from_dict(metadata["config"]))
+    with torch.device("cpu"):  # built where its weights are read, then moved: never on a default device
+        network = ProxyVideoNet(ProxyConfig.from_dict(metadata["config"]))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights_path)).items()}
     network.load_state_dict(state, strict=True)
     return ProxyExtractor(network, metadata).to(device)

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from harness.data import DataError, SyntheticVideos, build_dataset, labels_for
 from harness.data._common import quantize_to_uint8, uint8_to_unit_range
+from harness.device_policy import default_device
 from harness.metrics.extractor import PROXY_NAME, REPO_ROOT, ProxyExtractor, load_extractor
 from harness.metrics.frechet import combine_runs, paired_bootstrap_se, resampled_distances
 from harness.metrics.i3d import load_i3d
@@ -87,6 +88,13 @@ class FeatureExtractor(ABC):
 
     name: str
     feature_dim: int
+    extractor: Any  # the network's owner (ProxyExtractor / I3DFeatureExtractor): has .to(device)
+
+    def to(self, device: str | torch.device) -> FeatureExtractor:
+        """Move the network to ``device`` (videos are moved there batch by batch; features return to
+        the CPU). Extractors run in float32 whatever the candidates' precision: the instrument is fixed."""
+        self.extractor.to(device)
+        return self
 
     @abstractmethod
     def extract(self, videos: torch.Tensor) -> torch.Tensor:
@@ -122,7 +130,7 @@ class I3DFeatures(FeatureExtractor):
                 f"FVD weights file {path} does not exist; pass an existing i3d_pretrained_400.pt "
                 f"(or i3d_torchscript.pt), or omit it to use the offline {PROXY_NAME} extractor"
             )
-        self.extractor = load_i3d(path, bn_eps=bn_eps)
+        self.extractor = load_i3d(path, bn_eps=bn_eps)  # on the CPU; FeatureExtractor.to moves it
         self.name = I3D_NAME
         self.feature_dim = 400
 
@@ -130,10 +138,12 @@ class I3DFeatures(FeatureExtractor):
         return self.extractor.extract(videos, input_range=(-1.0, 1.0))
 
 
-def resolve_extractor(fvd_weights: str | os.PathLike[str] | None) -> FeatureExtractor:
+def resolve_extractor(
+    fvd_weights: str | os.PathLike[str] | None, device: str | torch.device = "cpu"
+) -> FeatureExtractor:
     """I3D (``i3d-k400``) from ``fvd_weights`` when given (one-line error if the file is missing), else
-    the shipped offline ``proxy-v1``."""
-    return I3DFeatures(fvd_weights) if fvd_weights is not None else ProxyFeatures()
+    the shipped offline ``proxy-v1``; on ``device``."""
+    return (I3DFeatures(fvd_weights) if fvd_weights is not None else ProxyFeatures()).to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,7 +307,10 @@ def _extract_real(
     indices = real_indices(protocol, len(dataset))
     features = []
     for start in tqdm(range(0, len(indices), chunk), desc="real features", disable=not progress, leave=False):
-        videos = torch.stack([dataset[i]["video"] for i in indices[start : start + chunk]])  # (b, 3, T, R, R)
+        with default_device("cpu"):  # clips are the data pipeline's CPU tensors, then the extractor's
+            videos = torch.stack(
+                [dataset[i]["video"] for i in indices[start : start + chunk]]
+            )  # (b, 3, T, R, R)
         features.append(extractor.extract(quantize_8bit(videos)).float())
     return torch.cat(features, dim=0)
 
@@ -402,7 +415,8 @@ def _extract_chunked(extractor: FeatureExtractor, videos: torch.Tensor, chunk: i
 
 
 def _resampled(real: torch.Tensor, fake: torch.Tensor, protocol: FVDProtocol, seed: int) -> dict[str, Any]:
-    return resampled_distances(real, fake, protocol.uncertainty, protocol.bootstrap, seed)
+    with default_device("cpu"):  # the statistics are CPU float64 work on CPU features, on every device
+        return resampled_distances(real, fake, protocol.uncertainty, protocol.bootstrap, seed)
 
 
 def _combine(runs: list[dict[str, Any]], protocol: FVDProtocol) -> dict[str, Any]:
@@ -484,14 +498,15 @@ def evaluate_fvd(
 
 
 def _real_dataset(protocol: FVDProtocol):
-    return build_dataset(
-        protocol.dataset,
-        protocol.split,
-        frames=protocol.frames,
-        resolution=protocol.resolution,
-        seed=protocol.real_seed,
-        num_videos=protocol.num_real,
-    )
+    with default_device("cpu"):
+        return build_dataset(
+            protocol.dataset,
+            protocol.split,
+            frames=protocol.frames,
+            resolution=protocol.resolution,
+            seed=protocol.real_seed,
+            num_videos=protocol.num_real,
+        )
 
 
 def _caption(dataset, index: int) -> str:
@@ -549,8 +564,14 @@ def floor_clips(protocol: FVDProtocol, seed: int) -> torch.Tensor:
     same generator), the k-th use of a caption taking its k-th occurrence there. A folder: clips
     outside the real subset, in a seeded order, caption-matched where such a clip remains, else the
     next in that order (a folder whose captions are unique per clip, or empty, falls back to a seeded
-    sample of the other clips, which follows the same caption distribution).
+    sample of the other clips, which follows the same caption distribution). The clips are CPU tensors
+    (the data pipeline's), whatever the default device.
     """
+    with default_device("cpu"):
+        return _floor_clips(protocol, seed)
+
+
+def _floor_clips(protocol: FVDProtocol, seed: int) -> torch.Tensor:
     prompts = generation_prompts(real_captions(protocol), seed, protocol.num_fake)
     if protocol.dataset == "synthetic":  # items are rendered on demand: the size bound costs nothing
         floor_seed = _floor_dataset_seed(protocol, seed)

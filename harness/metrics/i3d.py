@@ -295,7 +295,8 @@ def _load_state_dict_network(path: Path, bn_eps: float) -> InceptionI3d:
         isinstance(v, torch.Tensor) for v in state_dict.values()
     ):
         raise ValueError(f"{path} is not an I3D state dict (expected a dict of tensors)")
-    network = InceptionI3d(NUM_CLASSES, bn_eps=bn_eps)
+    with torch.device("cpu"):  # built where its weights are read, then moved: never on a default device
+        network = InceptionI3d(NUM_CLASSES, bn_eps=bn_eps)
     result = network.load_state_dict(dict(state_dict), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(

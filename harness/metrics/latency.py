@@ -3,9 +3,12 @@
 Protocol: the target is called ``warmup`` times, then timed by ``Timer.blocked_autorange`` (blocks of
 calls until ``min_run_time`` seconds have elapsed) or ``Timer.adaptive_autorange`` (until the IQR / median
 falls below ``threshold``), with an explicit ``num_threads`` (the Timer's default is 1 thread), all under
-``torch.inference_mode``. On accelerators the Timer's default timer calls ``torch.accelerator.synchronize()``
-before every reading, and warm-up is followed by an explicit synchronise, so asynchronous kernels are
-counted. Every result carries its provenance: device name, threads, torch version, dtype and input sizes.
+``torch.inference_mode``. On an accelerator the Timer's clock synchronises the measured device (not the
+current one, which the Timer's default clock would) before every reading, and warm-up is followed by an
+explicit synchronise, so asynchronous kernels are counted. With a ``policy``
+(``harness.device_policy.DevicePolicy``) a module is timed as deployed: under its precision's autocast,
+optionally compiled and replayed from CUDA graphs. Every result carries its provenance: device name,
+threads, torch version, dtype / precision, compilation and input sizes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
+
+from harness.device_policy import DevicePolicy, deployed, synchronize
 
 Inputs = dict[str, Any] | tuple[Any, ...]
 
@@ -42,6 +46,9 @@ class LatencyResult:
     frames: int | None
     resolution: int | None
     clock: str = "wall"  # "wall": elapsed time; "process": CPU time of this process (see measure_latency)
+    precision: str = "fp32"  # harness.device_policy.PRECISIONS: autocast of the timed calls
+    compiled: bool = False  # timed through torch.compile
+    cuda_graphs: bool = False  # replayed from a CUDA graph
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,8 +78,18 @@ def device_description(device: str | torch.device = "cpu") -> str:
 
 
 def _synchronize(device: torch.device) -> None:
-    if device.type != "cpu" and torch.accelerator.is_available():
-        torch.accelerator.synchronize()
+    synchronize(device)
+
+
+def _synced_clock(device: torch.device):
+    """A wall clock that first waits for ``device``'s kernels (the Timer's default one synchronises the
+    *current* accelerator device, which need not be the measured one)."""
+
+    def clock() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
+    return clock
 
 
 def _sizes(inputs: Inputs) -> tuple[int | None, int | None, int | None]:
@@ -99,6 +116,7 @@ def _as_callable(
     inputs: Inputs | None,
     device: torch.device,
     dtype: torch.dtype | None,
+    policy: DevicePolicy | None = None,
 ) -> tuple[Callable[[], Any], str, Inputs | None]:
     if isinstance(target, nn.Module):
         if inputs is None:
@@ -107,6 +125,12 @@ def _as_callable(
         inputs = _move(inputs, device, dtype)
         param = next(module.parameters(), None)
         dtype_name = str(param.dtype).removeprefix("torch.") if param is not None else "n/a"
+        if policy is not None and not isinstance(inputs, dict):
+            raise ValueError("a policy's deployed forward takes keyword inputs; pass a dict")
+        if policy is not None:
+            if policy.precision != "fp32":
+                dtype_name = policy.precision
+            return deployed(module, inputs, policy), dtype_name, inputs
         if isinstance(inputs, dict):
             return (lambda: module(**inputs)), dtype_name, inputs
         return (lambda: module(*inputs)), dtype_name, inputs
@@ -114,7 +138,16 @@ def _as_callable(
         raise TypeError(f"target must be a callable or an nn.Module, got {type(target).__name__}")
     if inputs is not None:
         raise ValueError("inputs are only for an nn.Module target; close over them in the callable")
-    return target, "n/a", None
+    if policy is not None and (policy.compile or policy.cuda_graphs):
+        raise ValueError("compile / CUDA graphs apply to an nn.Module target; pass the module and its inputs")
+    if policy is not None and policy.precision != "fp32":
+        call = target
+
+        def target():
+            with policy.autocast():
+                return call()
+
+    return target, "n/a" if policy is None or policy.precision == "fp32" else policy.precision, None
 
 
 def measure_latency(
@@ -131,6 +164,7 @@ def measure_latency(
     dtype: torch.dtype | None = None,
     clock: str = "wall",
     label: str = "latency",
+    policy: DevicePolicy | None = None,
 ) -> LatencyResult:
     """Time one call of ``target`` (a no-argument callable, or ``module(**inputs)``) on ``device``.
 
@@ -142,8 +176,12 @@ def measure_latency(
     accelerator-synchronised default) or ``"process"`` (``time.process_time``, CPU only: CPU seconds of
     this process, which excludes the time other jobs hold the cores - a contention-robust stand-in for
     single-threaded latency on a shared machine; with several threads it also counts their spin-waits).
+    ``policy``: time the call as deployed (precision, ``torch.compile``, CUDA graphs; its device must be
+    ``device``); ``None``: eager, in the module's dtype.
     """
     device = torch.device(device)
+    if policy is not None and policy.torch_device != device:
+        raise ValueError(f"the policy's device {policy.device} is not the measured device {device}")
     threads = torch.get_num_threads() if threads is None else int(threads)
     if threads < 1 or min_run_time <= 0 or warmup < 0:
         raise ValueError(
@@ -151,9 +189,14 @@ def measure_latency(
         )
     if clock not in ("wall", "process") or (clock == "process" and device.type != "cpu"):
         raise ValueError(f"clock must be 'wall', or 'process' on the CPU (got {clock!r} on {device.type})")
-    fn, dtype_name, moved = _as_callable(target, inputs, device, dtype)
+    # Imported here: torch.utils.benchmark imports cpp_extension, which logs a warning on a machine
+    # without a CUDA runtime, before a command could say in one line that --device cuda is unavailable.
+    from torch.utils.benchmark import Timer
+
+    fn, dtype_name, moved = _as_callable(target, inputs, device, dtype, policy)
     batch, frames, resolution = _sizes(moved) if moved is not None else (None, None, None)
-    timer_fn = {"process": {"timer": time.process_time}, "wall": {}}[clock]
+    wall = {} if device.type == "cpu" else {"timer": _synced_clock(device)}
+    timer_fn = {"process": {"timer": time.process_time}, "wall": wall}[clock]
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label, **timer_fn)
     previous = torch.get_num_threads()
     with torch.inference_mode():
@@ -183,4 +226,7 @@ def measure_latency(
         frames=frames,
         resolution=resolution,
         clock=clock,
+        precision=policy.precision if policy is not None else "fp32",
+        compiled=bool(policy and policy.compile),
+        cuda_graphs=bool(policy and policy.cuda_graphs),
     )
