@@ -4,6 +4,10 @@ Examples::
 
     python -m harness.train --family pixel-base --preset tiny --steps 2000 --out results/runs/base
     torchrun --nproc_per_node=2 -m harness.train --family pixel-base --steps 100 --out runs/ddp
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        -m harness.train --device cuda --precision bf16-autocast --batch 256 --out runs/paper
+
+(README, "Training on GPUs and clusters".)
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import torch.distributed as dist
+
 from harness.cli import run_cli
 from harness.diffusion import SCHEDULES
 from harness.training.loop import TrainOptions, init_distributed, train
+from harness.training.precision import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +97,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from this supernet directory's weights (e.g. a shipped one), fresh optimizer",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--device",
+        default=d.device,
+        help="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda or cuda:N",
+    )
+    p.add_argument(
+        "--precision",
+        default=d.precision,
+        choices=PRECISIONS,
+        help="fp32, or the forward under autocast in bf16 / fp16 (fp16 with a loss scaler); weights, "
+        "optimizer and EMA stay fp32",
+    )
+    p.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=d.tf32,
+        help="CUDA: TF32 for fp32 matmuls and convolutions (default off: full fp32; recorded either way)",
+    )
+    p.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="activation checkpointing in the UNet: recompute activations in backward (less memory)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="DataLoader worker processes per rank (default: 0 for synthetic data, up to 4 for a folder)",
+    )
+    p.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=d.bucket_mb,
+        help="data parallel: MiB of active gradients per all-reduce bucket",
+    )
     return p
 
 
@@ -99,11 +141,21 @@ def main(argv=None) -> None:
         raise ValueError("--inplace-distill needs --sandwich (the largest subnet is the teacher)")
     if args.offset_noise < 0:
         raise ValueError(f"--offset-noise {args.offset_noise} is negative; pass 0 (off) or a std such as 0.1")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers} is negative; pass 0 (load in this process) or more")
+    if args.bucket_mb <= 0:
+        raise ValueError(f"--bucket-mb {args.bucket_mb} must be positive; pass e.g. 25")
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
-    init_distributed()
-    trainer = train(opts)
+    init_distributed(opts.device)
+    try:
+        trainer = train(opts)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if trainer.rank == 0:
-        print(f"trained {trainer.step} steps; checkpoint at {opts.out}/checkpoint")
+        print(
+            f"trained {trainer.step} steps on {trainer.device} ({opts.precision}); checkpoint at {opts.out}/checkpoint"
+        )
 
 
 if __name__ == "__main__":

@@ -35,10 +35,29 @@ def _opts(tmp_path, **kw) -> TrainOptions:
     return TrainOptions(**base)
 
 
+def _per_entry(tensors: dict[str, torch.Tensor], shapes: dict) -> dict[str, torch.Tensor]:
+    """State tensors with cell-grid counts (``.step_cuts`` + ``.step_counts``, ``.ema_cuts`` +
+    ``.ema_counts``) expanded to the per-entry form (``.step``, ``.ema_count``) the entry checks read."""
+    from harness.training.cell_counts import CellCounts
+
+    out = {}
+    for key, value in tensors.items():
+        for kind, entry in (("step", "step"), ("ema", "ema_count")):
+            if key.endswith(f".{kind}_cuts"):
+                name = key[: -len(f".{kind}_cuts")]
+                cells = CellCounts.from_tensors(shapes[name], value, tensors[f"{name}.{kind}_counts"])
+                out[f"{name}.{entry}"] = cells.per_entry()
+        if not key.endswith(("_cuts", "_counts")):
+            out[key] = value.clone()
+    return out
+
+
 def _snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    shapes = {n: p.shape for n, p in trainer.net.named_parameters()}
     out = {f"w:{k}": v.detach().clone() for k, v in trainer.net.state_dict().items()}
-    out.update({f"ema:{k}": v.clone() for k, v in trainer.ema.state_dict().items()})
-    out.update({f"opt:{k}": v.clone() for k, v in trainer.optimizer.optimizer_state_tensors().items()})
+    out.update({f"ema:{k}": v for k, v in _per_entry(trainer.ema.state_dict(), shapes).items()})
+    opt = _per_entry(trainer.optimizer.optimizer_state_tensors(), shapes)
+    out.update({f"opt:{k}": v for k, v in opt.items()})
     return out
 
 

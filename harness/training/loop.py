@@ -4,7 +4,10 @@ Each iteration samples one subnet and one resolution (within that resolution's s
 warm-up's limits), computes the diffusion loss of that subnet, and updates *only its weights*: the masked
 AdamW leaves every other weight, its Adam moments and its step count bit-identical; the EMA moves only
 where the weights moved. Options beyond the paper (off by default): the sandwich rule and in-place
-distillation. Data-parallel under ``torchrun`` (every rank samples the same subnet; gradients all-reduced).
+distillation. Data-parallel under ``torchrun`` (every rank samples the same subnet; only the gradients
+inside its regions are all-reduced, in overlapping buckets: ``distributed.py``). ``--device`` places the
+supernet, codec, text encoder and every batch; ``--precision`` picks fp32 or bf16/fp16 autocast
+(``precision.py``).
 """
 
 from __future__ import annotations
@@ -27,9 +30,26 @@ from harness.diffusion import NoiseSchedule, diffusion_loss
 from harness.latent import FOLDER as LATENT_FOLDER
 from harness.latent import LATENT_FILE, LatentCodec, is_latent
 from harness.models import TextEncoderSpec, load_bundle
-from harness.training.batches import ClipSource, make_batch, step_rng, timestep_weights
+from harness.training.batches import (
+    ClipSource,
+    StepDataset,
+    StepSamples,
+    draw_step,
+    step_loader,
+    step_rng,
+    timestep_weights,
+    to_batch,
+)
 from harness.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from harness.training.distributed import (
+    ActiveGradReducer,
+    barrier,
+    distributed_context,
+    resolve_device,
+)
+from harness.training.distributed import init_distributed as _init_distributed
 from harness.training.masked_optim import MaskedAdamW, MaskedEMA, masked_clip_grad_norm_
+from harness.training.precision import Precision, set_tf32
 from search_spaces import Supernet, build_supernet, upgrade_state_dict
 
 
@@ -66,6 +86,12 @@ class TrainOptions:
     threads: int | None = None
     init: str | None = None  # start from this model directory's weights (fresh optimizer state)
     autoencoder: str | None = None  # latent families: the trained video autoencoder directory
+    device: str = "auto"  # "auto" (cuda:LOCAL_RANK if CUDA is available, else cpu), "cpu", "cuda", "cuda:N"
+    precision: str = "fp32"  # "fp32", "bf16-autocast" or "fp16-autocast" (with a loss scaler)
+    tf32: bool = False  # allow TF32 float32 matmuls/convolutions on CUDA (False: full fp32)
+    checkpointing: bool = False  # activation checkpointing in the UNet (less memory, ~1/3 more compute)
+    workers: int | None = None  # DataLoader workers per rank (None: 0 for synthetic, up to 4 for folders)
+    bucket_mb: float = 25.0  # all-reduce bucket size in MiB (data parallel)
 
 
 def warmup_limits(step: int, warmup_steps: int) -> tuple[float, float]:
@@ -79,28 +105,48 @@ def warmup_limits(step: int, warmup_steps: int) -> tuple[float, float]:
 
 
 def subnets_for_step(net: Supernet, opts: TrainOptions, step: int):
-    """The subnet(s) of this step: one random (Algorithm 1), or the sandwich at one resolution."""
+    """The subnet(s) of this step: one random (Algorithm 1), or the sandwich at one resolution. ``net`` is
+    the supernet or its search space; the draw depends on ``(seed, step)`` only, so every rank agrees."""
+    space = getattr(net, "space", net)
     min_ratio, min_keep = warmup_limits(step, opts.warmup_steps)
     rng = step_rng(opts.seed, step, 1)
-    cfg = net.space.sample(rng, min_ratio=min_ratio, min_keep=min_keep)
+    cfg = space.sample(rng, min_ratio=min_ratio, min_keep=min_keep)
     if not opts.sandwich:
         return [cfg]
-    largest, smallest = net.space.largest(cfg.resolution), net.space.smallest(cfg.resolution)
-    return [c for c in (largest, smallest, cfg) if net.space.fits(c)]
+    largest, smallest = space.largest(cfg.resolution), space.smallest(cfg.resolution)
+    return [c for c in (largest, smallest, cfg) if space.fits(c)]
+
+
+@dataclass(frozen=True)
+class StepResolution:
+    """Pixel resolution of a step's subnet (picklable, for DataLoader workers)."""
+
+    space: object
+    opts: TrainOptions
+    pixel_scale: int = 1  # the codec's spatial downsampling (1 for pixel families)
+
+    def __call__(self, step: int) -> int:
+        return subnets_for_step(self.space, self.opts, step)[0].resolution * self.pixel_scale
 
 
 class Trainer:
-    """State of one training run: supernet, masked optimizer, EMA, data, text encoder."""
+    """State of one training run: supernet, masked optimizer, EMA, data, text encoder, all on one device."""
 
     def __init__(self, opts: TrainOptions):
         self.opts = opts
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.ctx = distributed_context(resolve_device(opts.device, _local_rank()))
+        self.rank, self.world, self.device = self.ctx.rank, self.ctx.world, self.ctx.device
         if opts.batch % self.world:
             raise ValueError(f"--batch {opts.batch} must be divisible by the {self.world} ranks")
-        torch.manual_seed(opts.seed)  # identical initial weights on every rank
+        self.precision = Precision(opts.precision, self.device)
+        self.matmul = set_tf32(opts.tf32)  # explicit, and recorded in the checkpoint
+        # Built on the CPU from the seed, then moved: identical initial weights on every rank and device.
+        torch.manual_seed(opts.seed)
         self.net = build_supernet(opts.family, opts.preset)
         self.init_hash = self._load_init(opts.init) if opts.init else None
+        self.net.to(self.device)
+        if opts.checkpointing:
+            self._enable_checkpointing()
         self.super_resolution = self.net.spec.cond_channels > 0
         autoencoder = self._load_autoencoder(opts.autoencoder) if is_latent(self.net) else None
         down = autoencoder.config.downsample if autoencoder is not None else (1, 1, 1)
@@ -119,7 +165,7 @@ class Trainer:
         self.codec = self._fit_codec(autoencoder) if autoencoder is not None else None
         self.text = None
         if opts.text_encoder != "none" and self.net.spec.context_dim:
-            self.text = TextEncoderSpec(opts.text_encoder, self.net.spec.context_len).load()
+            self.text = TextEncoderSpec(opts.text_encoder, self.net.spec.context_len).load(self.device)
             if self.text.dim != self.net.spec.context_dim:
                 raise ValueError(
                     f"text encoder dim {self.text.dim} != the supernet's context dim "
@@ -129,63 +175,109 @@ class Trainer:
         self.ema = MaskedEMA(self.net.named_parameters(), decay=opts.ema_decay)
         self.schedule = NoiseSchedule.named(opts.schedule)
         self.t_weights = timestep_weights(opts.late_timestep_portion, opts.late_timestep_multiplier)
+        # Buckets launch from gradient hooks during the backward (the UNet's checkpointing is
+        # non-reentrant: still one gradient per parameter and backward, which the reducer checks).
+        self.reducer = (
+            ActiveGradReducer(self.net.named_parameters(), self.world, opts.bucket_mb)
+            if self.world > 1
+            else None
+        )
         self.step = 0
         self.history: list[dict] = []
 
+    def _enable_checkpointing(self) -> None:
+        enable = getattr(self.net, "set_activation_checkpointing", None)
+        if enable is None:
+            raise ValueError(
+                "--checkpointing: this version of the UNet has no set_activation_checkpointing; drop the option"
+            )
+        enable(True)
+
+    def _draw_kwargs(self) -> dict:
+        """The ``draw_step`` arguments every step shares (this rank's share of the global batch)."""
+        opts = self.opts
+        return {
+            "seed": opts.seed,
+            "global_batch": opts.batch,
+            "rank": self.rank,
+            "world": self.world,
+            "cond_drop": opts.cond_drop,
+            "super_resolution": self.super_resolution,
+            "latent": (self.codec.channels, self.codec.downsample) if self.codec is not None else None,
+            "offset_noise": opts.offset_noise,
+            "t_weights": self.t_weights,
+        }
+
+    def step_resolution(self) -> StepResolution:
+        scale = self.codec.downsample[1] if self.codec is not None else 1
+        return StepResolution(self.net.space, self.opts, scale)
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        """This rank's step batches from the current step to ``opts.steps``, prefetched by workers."""
+        opts = self.opts
+        # Folder data: decoding and resizing videos is the slow part, so it runs in worker processes
+        # (up to 4 per rank, the node's cores shared by its ranks); synthetic clips are cheap enough here.
+        cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        auto = 0 if opts.data == "synthetic" else max(1, min(4, cores))
+        workers = opts.workers if opts.workers is not None else auto
+        if workers < 0:
+            raise ValueError(f"--workers {workers} is negative; pass 0 (load in this process) or more")
+        steps = range(self.step, opts.steps)
+        dataset = StepDataset(self.source, self.step_resolution(), steps, **self._draw_kwargs())
+        return step_loader(dataset, workers, pin_memory=self.device.type == "cuda")
+
     # -- one iteration -------------------------------------------------------------------------------
-    def train_step(self) -> dict:
+    def train_step(self, samples: StepSamples | None = None) -> dict:
+        """One iteration; ``samples`` are this step's CPU draws (from ``loader()``), drawn here when None."""
         opts, net, step = self.opts, self.net, self.step
         self.optimizer.zero_grad(set_to_none=True)
 
         # Sample a subnet (or the sandwich) and a resolution.
         subnets = subnets_for_step(net, opts, step)
         resolution = subnets[0].resolution
+        active = self._union_masks(subnets)
 
         # This rank's share of the global batch at that resolution (latent families: encoded pixel clips).
-        pixels = self.codec.pixel_resolution(resolution) if self.codec is not None else resolution
-        batch = make_batch(
-            self.source,
-            self.text,
-            seed=opts.seed,
-            step=step,
-            resolution=pixels,
-            global_batch=opts.batch,
-            rank=self.rank,
-            world=self.world,
-            cond_drop=opts.cond_drop,
-            super_resolution=self.super_resolution,
-            encode=self.codec.encode if self.codec is not None else None,
-            offset_noise=opts.offset_noise,
-            schedule=self.schedule,
-            t_weights=self.t_weights,
-        )
+        if samples is None:
+            samples = draw_step(
+                self.source, step=step, resolution=self.step_resolution()(step), **self._draw_kwargs()
+            )
+        if samples.step != step:
+            raise RuntimeError(f"batch of step {samples.step} handed to step {step}")
+        encode = self.codec.encode if self.codec is not None else None
+        batch = to_batch(samples, self.text, schedule=self.schedule, encode=encode, device=self.device)
 
-        # Diffusion loss of each subnet; in-place distillation targets the largest one's prediction.
+        # Diffusion loss of each subnet (forward under autocast, loss in fp32); in-place distillation
+        # targets the largest one's prediction. The last backward launches the gradient all-reduce.
         losses, teacher = [], None
         for i, cfg in enumerate(subnets):
             # Built per subnet: the null-text mix is part of each backward's graph.
             kwargs = batch.model_kwargs(getattr(net, "null_text", None))
-            pred = net(batch.noisy, batch.timesteps, subnet=cfg, **kwargs)
+            with self.precision.autocast():
+                pred = net(batch.noisy, batch.timesteps, subnet=cfg, **kwargs).float()
             target = batch.target if (teacher is None or not opts.inplace_distill) else teacher
             loss = diffusion_loss(pred, target)
-            loss.backward()
+            if self.reducer is not None and i == len(subnets) - 1:
+                self.reducer.arm(active)
+            self.precision.backward(loss)
             losses.append(loss.detach())
             if i == 0 and opts.sandwich and opts.inplace_distill:
                 teacher = pred.detach()
 
         # Masked update: only the sampled subnet(s)' entries move (weights, moments, step counts, EMA).
-        active = self._union_masks(subnets)
-        self._all_reduce_grads()
+        if self.reducer is not None:
+            self.reducer.finish()
+        self.precision.unscale_(self.optimizer)
         grad_norm = masked_clip_grad_norm_(net.named_parameters(), active, opts.max_grad_norm)
-        self.optimizer.step(active)
-        self.ema.update(net.named_parameters(), active)
+        if self.precision.step(self.optimizer, active):  # fp16: skipped when a gradient overflowed
+            self.ema.update(net.named_parameters(), active)
 
         loss = torch.stack(losses).mean()
         if self.world > 1:
             dist.all_reduce(loss)
             loss /= self.world
         self.step += 1
-        return {
+        stats = {
             "step": self.step,
             "Loss/train": float(loss),
             "Grad/norm": float(grad_norm),
@@ -193,6 +285,11 @@ class Trainer:
             "Subnet/params_frac": net.space.param_fraction(subnets[-1]),
             "Warmup/min_ratio": warmup_limits(step, opts.warmup_steps)[0],
         }
+        if self.reducer is not None:
+            stats["Comm/reduced_frac"] = self.reducer.last_numel / self.reducer.full_numel
+        if self.precision.scaler is not None:
+            stats["Precision/loss_scale"] = self.precision.scaler.get_scale()
+        return stats
 
     def _load_autoencoder(self, path: str | None):
         if not path:
@@ -200,7 +297,7 @@ class Trainer:
                 f"{self.opts.family} denoises autoencoder latents: pass --autoencoder DIR (train one "
                 f"with python -m harness.autoencoder_train)"
             )
-        autoencoder = load_autoencoder(path)
+        autoencoder = load_autoencoder(path, self.device)
         if autoencoder.config.z_channels != self.net.spec.in_channels:
             raise ValueError(
                 f"--autoencoder {path} has {autoencoder.config.z_channels} latent channels, the "
@@ -212,9 +309,9 @@ class Trainer:
         """The latent scale, fitted on 16 fixed training clips at the default resolution (saved on resume)."""
         saved = Path(self.opts.out) / LATENT_FOLDER
         if self.opts.resume and (saved / LATENT_FILE).is_file():
-            return LatentCodec.load(saved)
+            return LatentCodec.load(saved, self.device)
         res = self.net.space.default_resolution * autoencoder.config.downsample[1]
-        clips = torch.stack([self.source.clip(i % len(self.source), res) for i in range(16)])
+        clips = torch.stack([self.source.clip(i % len(self.source), res) for i in range(16)]).to(self.device)
         return LatentCodec.fit(autoencoder, clips, source=self.opts.autoencoder)
 
     def _load_init(self, path: str) -> str:
@@ -259,14 +356,6 @@ class Trainer:
                 active[name] = active[name] | mask if name in active else mask
         return active
 
-    def _all_reduce_grads(self) -> None:
-        if self.world == 1:
-            return
-        for p in self.net.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= self.world
-
     # -- persistence ---------------------------------------------------------------------------------
     def metadata(self) -> dict:
         return {
@@ -286,22 +375,38 @@ class Trainer:
             else None,
             "init": {"path": self.opts.init, "sha256": self.init_hash} if self.opts.init else None,
             "optimizer": self.optimizer.hyperparameters(),
+            "device": {
+                "type": self.device.type,
+                "name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                "backend": dist.get_backend() if dist.is_initialized() else None,
+            },
+            "precision": {
+                "mode": self.precision.mode,
+                "matmul": self.matmul,
+                "grad_scaler": self.precision.state_dict(),
+                "activation_checkpointing": self.opts.checkpointing,
+            },
             "torch_version": torch.__version__,
             "rng": {"scheme": "stateless: numpy default_rng([seed, step, stream])", "seed": self.opts.seed},
             "history_tail": self.history[-50:],
         }
 
     def save(self) -> Path | None:
-        if self.rank != 0:
-            return None
-        return save_checkpoint(
-            self.opts.out,
-            model_state=self.net.state_dict(),
-            ema_state=self.ema.state_dict(),
-            optimizer_state=self.optimizer.optimizer_state_tensors(),
-            config=self.net.config_dict(),
-            training=self.metadata(),
-        )
+        """Rank 0 writes the checkpoint (every rank holds the same state); the others wait for it."""
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(
+                self.opts.out,
+                model_state=self.net.state_dict(),
+                # The live tensors, not copies (6.7 GB less at the paper base): written before the
+                # next step changes them.
+                ema_state=self.ema.state_dict(copy=False),
+                optimizer_state=self.optimizer.optimizer_state_tensors(copy=False),
+                config=self.net.config_dict(),
+                training=self.metadata(),
+            )
+        barrier(self.ctx)  # no rank runs ahead of (or exits before) a published checkpoint
+        return path
 
     def restore(self) -> bool:
         path = find_checkpoint(self.opts.out)
@@ -327,6 +432,7 @@ class Trainer:
         }
         self.optimizer.load_hyperparameters(hyper)
         self.optimizer.load_optimizer_state_tensors(upgrade_state_dict(ckpt["optimizer"]))
+        self.precision.load_state_dict((ckpt["training"].get("precision") or {}).get("grad_scaler"))
         self.step = ckpt["training"]["step"]
         self.history = list(ckpt["training"].get("history_tail", []))
         return True
@@ -345,6 +451,7 @@ def train(opts: TrainOptions, progress: bool = True, on_step=None) -> Trainer:
         (out / "options.json").write_text(json.dumps(dataclasses.asdict(opts), indent=1))
         if trainer.codec is not None:
             trainer.codec.save(out / LATENT_FOLDER)
+    barrier(trainer.ctx)  # rank 0's run directory exists before anyone goes on
     log = open(out / "log.jsonl", "a") if trainer.rank == 0 else None  # noqa: SIM115  (closed in the finally)
     bar = tqdm(
         total=opts.steps,
@@ -355,8 +462,8 @@ def train(opts: TrainOptions, progress: bool = True, on_step=None) -> Trainer:
     )
     start = time.perf_counter()
     try:
-        while trainer.step < opts.steps:
-            stats = trainer.train_step()
+        for samples in trainer.loader():
+            stats = trainer.train_step(samples)
             trainer.history.append(stats)
             bar.update(1)
             bar.set_postfix(
@@ -383,7 +490,11 @@ def train(opts: TrainOptions, progress: bool = True, on_step=None) -> Trainer:
     return trainer
 
 
-def init_distributed() -> None:
-    """Join the ``torchrun`` process group when launched by it (gloo on CPU, nccl on GPU)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(device: str = "auto"):
+    """Join the ``torchrun`` process group when launched by it: ``LOCAL_RANK`` -> device, nccl on CUDA,
+    gloo on the CPU (``harness.training.distributed.init_distributed``)."""
+    return _init_distributed(device)
