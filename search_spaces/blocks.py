@@ -117,6 +117,31 @@ class ResBlock(DynamicModule):
         return residual + h
 
 
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + bias) v`` with the bias folded into the dot product, so that SDPA runs
+    without a mask and stays eligible for its flash kernel: a float mask rules flash out on CUDA, and on
+    CPU whenever the mask needs a gradient - i.e. in every training step, where this is used (inference,
+    FLOP counting and latency runs pass the bias as a mask: same maths, no extra channels).
+
+    ``q, k, v`` ``(N, h, S, d)``, ``bias`` ``(h, S, S)``; returns ``(N, h, S, d)``. Queries get ``E`` extra
+    channels holding the one-hot of their position ``i`` and keys the column ``bias[:, :, j] / scale``, so
+    the extra channels add exactly ``bias[h, i, j]`` to the scaled score (``E = S`` rounded up to a multiple
+    of 8, the kernels' head-dim granularity; the padding is zeros). Values get ``E`` zero channels (flash
+    needs one head dim for q, k and v) that are dropped from the output. Costs ``E / d`` more q/k/v traffic
+    (16 / 64 for the paper's temporal attention) and saves no ``(N, h, S, S)`` bias or probabilities.
+    """
+    n, h, s, d = q.shape
+    scale = d**-0.5
+    e = -(-s // 8) * 8
+    pos = torch.arange(e, device=q.device)
+    one_hot = (pos[:s, None] == pos[None, :]).to(q.dtype).expand(n, h, s, e)  # (N, h, S_i, E)
+    columns = F.pad(bias.transpose(-1, -2) / scale, (0, e - s))  # (h, S_j, E): [h, j, i] = bias[h, i, j]
+    q = torch.cat([q, one_hot], dim=-1)
+    k = torch.cat([k, columns.expand(n, h, s, e)], dim=-1)
+    v = F.pad(v, (0, e))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :d]
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     dim: int  # active width of the residual stream (queries, output)
@@ -172,8 +197,17 @@ class Attention(DynamicModule):
         q = self.to_q(h, p["to_q"]).view(n, s, spec.heads, self.head_dim).transpose(1, 2)  # (N, h, S, d)
         k = self.to_k(kv, p["to_k"]).view(n, kv.shape[1], spec.heads, self.head_dim).transpose(1, 2)
         v = self.to_v(kv, p["to_v"]).view(n, kv.shape[1], spec.heads, self.head_dim).transpose(1, 2)
-        bias = self.rel_pos(s, spec.heads).to(q.dtype) if self.rel_pos is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (N, h, S, d)
+        if self.rel_pos is None:
+            out = F.scaled_dot_product_attention(q, k, v)  # (N, h, S, d)
+        else:
+            bias = self.rel_pos(s, spec.heads).to(q.dtype)  # (h, S, S)
+            if torch.is_grad_enabled() and bias.requires_grad:
+                out = biased_attention(q, k, v, bias)
+            else:
+                # Without a bias gradient a broadcast (1, h, S, S) float mask is cheaper than folding it
+                # in (no extra channels): CPU's flash kernel and CUDA's memory-efficient / cuDNN ones
+                # take it (an (h, S, S) one would send CPU to the math kernel).
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
         out = out.transpose(1, 2).reshape(n, s, spec.heads * self.head_dim)
         return self.to_out(out, p["to_out"])
 

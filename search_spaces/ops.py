@@ -37,11 +37,25 @@ def segment_ranges(full_sizes: Sequence[int], active_sizes: Sequence[int]) -> tu
     return tuple(out)
 
 
+def merge_ranges(dim_ranges: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """Join ranges that touch, e.g. ``((0, 4), (4, 6)) -> ((0, 6),)``: an extracted static subnet's
+    ``[h | skip]`` segments are stored back to back, so its slices are whole views and never copied."""
+    out = [dim_ranges[0]]
+    for start, stop in dim_ranges[1:]:
+        if start == out[-1][1]:
+            out[-1] = (out[-1][0], stop)
+        else:
+            out.append((start, stop))
+    return tuple(out)
+
+
 def take(tensor: torch.Tensor, ranges: Ranges) -> torch.Tensor:
-    """Slice ``tensor`` by ``ranges``; a single range per dim is a view, several are concatenated."""
+    """Slice ``tensor`` by ``ranges``; a single range per dim (after joining ranges that touch) is a view,
+    several are concatenated (a supernet's decoder input at a partial ``[h | skip]``)."""
     for dim, dim_ranges in enumerate(ranges):
         if dim_ranges is None:
             continue
+        dim_ranges = merge_ranges(dim_ranges)
         if len(dim_ranges) == 1:
             start, stop = dim_ranges[0]
             if start != 0 or stop != tensor.shape[dim]:

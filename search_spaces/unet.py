@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import FULL, BlockSpec, DiffusionBlock, DynamicModule, ResSpec
 from .conditioning import ConditioningExtras, upgrade_config, upgrade_legacy_keys_hook, validate_conditioning
@@ -141,6 +142,26 @@ class VideoUNet(DynamicModule):
         # Built last, so the random init of the rest does not depend on which extras the spec names.
         self.conditioning = ConditioningExtras(s)
         self.register_load_state_dict_pre_hook(upgrade_legacy_keys_hook)
+        self.activation_checkpointing = False
+        self._checkpoint_kwargs: dict = {}
+
+    def set_activation_checkpointing(self, enabled: bool = True, context_fn=None) -> None:
+        """Recompute each diffusion block in backward instead of saving its activations: a training step
+        then keeps only the blocks' inputs (plus one block's activations while it is recomputed), at the
+        cost of a second forward of every block. Gradients are unchanged (non-reentrant checkpointing
+        reruns the same ops on the same inputs). Has no effect without autograd (generation).
+
+        ``context_fn`` is passed to ``torch.utils.checkpoint.checkpoint``: a tool whose Python modes must
+        also see the recompute (``harness.memory``'s autocast emulation) re-enters them there."""
+        self.activation_checkpointing = bool(enabled)
+        self._checkpoint_kwargs = {"context_fn": context_fn} if context_fn is not None else {}
+
+    def _block(self, block: DiffusionBlock, x, temb, context, block_spec: BlockSpec) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(
+                block, x, temb, context, block_spec, use_reentrant=False, **self._checkpoint_kwargs
+            )
+        return block(x, temb, context, block_spec)
 
     # -- sizes ---------------------------------------------------------------------------------------
     def plan(self, spec: UNetSpec) -> dict[str, object]:
@@ -245,17 +266,17 @@ class VideoUNet(DynamicModule):
         skips = [x]
         for level, level_specs in enumerate(spec.down):
             for i, block_spec in enumerate(level_specs):
-                x = self.down[level][i](x, temb, context, block_spec)
+                x = self._block(self.down[level][i], x, temb, context, block_spec)
                 skips.append(x)
             if level < len(spec.down) - 1:
                 x = self.downsample[level](x, p[f"downsample.{level}"])
                 skips.append(x)
         for i, block_spec in enumerate(spec.mid):
-            x = self.mid[i](x, temb, context, block_spec)
+            x = self._block(self.mid[i], x, temb, context, block_spec)
         for level in reversed(range(len(spec.up))):
             for i, block_spec in enumerate(spec.up[level]):
                 x = torch.cat([x, skips.pop()], dim=1)  # [h | skip]
-                x = self.up[level][i](x, temb, context, block_spec)
+                x = self._block(self.up[level][i], x, temb, context, block_spec)
             if level > 0:
                 bt = x.shape[0] * x.shape[2]
                 x = (
