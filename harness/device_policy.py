@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -54,6 +57,29 @@ def check_device(device: str) -> torch.device:
                 f"--device {device}: this machine has {count} CUDA device(s); use cuda:0..{count - 1}"
             )
     return kind
+
+
+@cache
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_description(device: str | torch.device = "cpu") -> str:
+    """Human-readable device name: the CPU model (``/proc/cpuinfo``, else ``platform.processor()``) with
+    its logical CPU count, or ``torch.cuda.get_device_name`` for CUDA devices."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{_cpu_model()} ({os.cpu_count()} logical CPUs)"
+    return device.type
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -139,8 +165,6 @@ class DevicePolicy:
 
     def provenance(self) -> dict[str, Any]:
         """Everything about the device and numerics a measurement was taken under (recorded in extra)."""
-        from harness.metrics.latency import device_description
-
         out: dict[str, Any] = {
             "device": str(self.torch_device),
             "device_name": device_description(self.torch_device),

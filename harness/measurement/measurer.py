@@ -15,6 +15,7 @@ from harness.measurement.quality import FrechetQuality, GeneratedVideoCache
 from harness.measurement.recorder import Recorder, register_models
 from harness.measurement.settings import MeasureSettings
 from harness.models import ModelBundle
+from harness.roofline import metric as modelled  # the module: harness.roofline.metric imports this package
 from harness.store import Store
 
 
@@ -22,7 +23,10 @@ def cost_metrics(
     generation: Generation, settings: MeasureSettings, predictors: dict | None = None
 ) -> dict[str, CostMetric]:
     """The cost metrics of ``generation`` under ``settings``, by metric name."""
-    latency = Latency.from_settings(generation, settings, predictors)
+    if modelled.is_modelled(settings.latency):  # a named device's roofline model, not timed here
+        latency = modelled.ModelledLatency.from_mode(generation, settings.latency, settings.precision)
+    else:
+        latency = Latency.from_settings(generation, settings, predictors)
     return {"params": ParamCount(generation), "flops": FlopCount(generation), "latency_ms": latency}
 
 
@@ -119,7 +123,7 @@ class Measurer:
         reading alone, other heavy work beside other workers' work. Only the computation holds the lock,
         never the wait for another worker's claim (which could wait on this very reading)."""
         if metric is self.cost["params"] or (
-            metric is self.cost["latency_ms"] and metric.mode == "predicted"
+            metric is self.cost["latency_ms"] and metric.mode in ("predicted", "modelled")
         ):
             return metric.compute(cand)
         lock = host_timing_lock()

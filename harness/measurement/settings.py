@@ -13,7 +13,7 @@ from harness.device_policy import DEFAULT_PRECISION, DevicePolicy, add_device_ar
 from harness.measurement.timing import ESTIMATORS, TimingProtocol
 
 LATENCY_MODES = ["measured", "predicted"]  # modes without an argument
-LATENCY_MODE_KINDS: list[str] = []  # modes written "<kind>:<argument>"
+LATENCY_MODE_KINDS: list[str] = ["modelled"]  # modes written "<kind>:<argument>" (modelled: harness.roofline)
 __all__ = [
     "MeasureSettings",
     "add_measure_arguments",
@@ -131,7 +131,8 @@ def add_measure_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
     g.add_argument(
         "--latency",
         default=d.latency,
-        help="latency of the extracted static subnet (measured), or the predictor's estimate (predicted)",
+        help="latency of the extracted static subnet (measured), the predictor's estimate (predicted), or "
+        "a named GPU's roofline model (modelled:<device>[:<precision>], python -m harness.roofline catalogue)",
     )
     g.add_argument(
         "--rerun",

@@ -18,11 +18,23 @@ Features (one forward, all floats):
   op that computes (elementwise, activations, cat, interpolate, ...) - the memory-bound work.
 - ``calls_compute``: number of top-level calls that launch work (per-op dispatch overhead on CPU);
   ``calls_view``: number of view / reshape / indexing calls (Python + dispatcher overhead only).
+
+Per-op records (``CostTrace(record_ops=True)``, :func:`forward_ops`): every call the features count is
+also one :class:`OpCost` with its kind (``KINDS``), multiply-adds, FLOPs (2 per multiply-add for
+convolutions, linear layers and attention; ``NORM_FLOPS_PER_ELEMENT`` per output element of a norm; 1
+per output element of every other computing op, fvcore's elementwise convention) and the bytes it must
+move: tensor inputs, outputs and weights (parameters and buffers of the traced model, or views of them),
+each floating tensor at the run's dtype (``dtype``; ``None`` = as traced) and integer tensors at their
+own size. A call in ``_VIEW_OPS`` whose result shares its input's memory moves nothing (kind ``view``);
+one that copies (``contiguous`` of a transposed tensor, ``to`` another dtype, a reshape that cannot
+view) is kind ``copy`` and moves its input and output. Attention moves ``q, k, v``, its mask and its
+output: the fused-kernel (flash / memory-efficient) traffic, not the math path's ``S x L`` scores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from math import prod
 from typing import Any
 
@@ -67,6 +79,51 @@ _VIEW_OPS = frozenset(
     }
 )
 _NORM_OPS = frozenset({"group_norm", "layer_norm", "batch_norm", "instance_norm"})
+
+# Kinds of per-op records: the roofline model (harness.roofline) gives each its own efficiencies.
+KINDS = ("conv", "conv_1d", "pointwise", "linear", "attention", "norm", "elementwise", "copy", "view")
+_FEATURE_KIND = {
+    "macs_conv": "conv",
+    "macs_conv_1d": "conv_1d",
+    "macs_pointwise": "pointwise",
+    "macs_linear": "linear",
+    "macs_attention": "attention",
+}
+# FLOPs per output element of a group / layer norm: the statistics (a sum and a sum of squares: 2), the
+# normalisation (subtract, multiply: 2) and the affine (multiply, add: 2) - a convention, as fvcore's one
+# FLOP per elementwise output; norms are memory-bound on every device we model, so it rarely matters.
+NORM_FLOPS_PER_ELEMENT = 6
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One top-level torch call of a forward: its kind (``KINDS``), work and memory traffic in bytes."""
+
+    name: str  # the torch function's name, e.g. "conv2d", "add", "transpose"
+    kind: str
+    macs: int  # multiply-adds (convolutions, linear layers, attention; else 0)
+    flops: int  # floating-point operations (see the module docstring)
+    bytes_in: int  # tensor inputs that are not weights
+    bytes_out: int
+    bytes_weight: int  # parameters / buffers of the model (or views of them) among the inputs
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_in + self.bytes_out + self.bytes_weight
+
+
+def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
+    """The tensors among call arguments (one level of lists / tuples, as ``cat`` and ``stack`` take)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (t for t in v if isinstance(t, torch.Tensor))
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory ``t`` views (itself when it is not a view; tracked outside inference mode)."""
+    return t._base if t._base is not None else t
 
 
 def _conv_out_shape(args: tuple, kwargs: dict) -> tuple[int, ...]:
@@ -136,11 +193,42 @@ _MAC_OPS: dict[str, tuple[Callable[[tuple], str], Callable[[tuple, torch.Tensor]
 
 
 class CostTrace(TorchFunctionMode):
-    """Accumulates ``FEATURES`` over every top-level torch call made while the mode is active."""
+    """Accumulates ``FEATURES`` over every top-level torch call made while the mode is active.
 
-    def __init__(self) -> None:
+    ``record_ops``: also keep one :class:`OpCost` per counted call in ``ops`` (see the module docstring);
+    ``weights``: the model's parameters and buffers (their bytes are the op's ``bytes_weight``);
+    ``dtype``: the run's dtype, at whose size floating tensors are counted (``None``: as traced). Views
+    are told from copies by their ``_base``, which autograd tracks outside ``torch.inference_mode``: trace
+    per-op records under ``torch.no_grad`` (:func:`forward_ops` does)."""
+
+    def __init__(
+        self,
+        record_ops: bool = False,
+        weights: Iterable[torch.Tensor] = (),
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.features = dict.fromkeys(FEATURES, 0.0)
+        self.record_ops, self.dtype = record_ops, dtype
+        self._weights = {id(w) for w in weights}
+        self.ops: list[OpCost] = []
+
+    def _nbytes(self, t: torch.Tensor) -> int:
+        if self.dtype is not None and t.is_floating_point():
+            return t.numel() * self.dtype.itemsize
+        return t.numel() * t.element_size()
+
+    def _record(self, name: str, kind: str, macs: int, flops: int, args, kwargs, out) -> None:
+        inputs = list(_tensors((*args, *kwargs.values())))
+        if kind == "view" and not any(_root(out) is _root(t) for t in inputs):
+            kind = "copy"  # a "view op" that had to copy (contiguous, to another dtype, reshape)
+        if kind == "view":
+            self.ops.append(OpCost(name, kind, 0, 0, 0, 0, 0))
+            return
+        is_weight = [id(t) in self._weights or id(_root(t)) in self._weights for t in inputs]
+        weight = sum(self._nbytes(t) for t, w in zip(inputs, is_weight) if w)
+        other = sum(self._nbytes(t) for t, w in zip(inputs, is_weight) if not w)
+        self.ops.append(OpCost(name, kind, macs, flops, other, self._nbytes(out), weight))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -153,14 +241,22 @@ class CostTrace(TorchFunctionMode):
         if name == "__get__" or not isinstance(out, torch.Tensor):
             return out  # attribute reads (.shape, .dtype), sizes and other non-tensor results
         if name in _MAC_OPS:
-            feature, macs = _MAC_OPS[name]
-            self.features[feature(args)] += macs(args, out)
+            feature, count = _MAC_OPS[name]
+            macs = count(args, out)
+            self.features[feature(args)] += macs
             self.features["calls_compute"] += 1
+            kind, flops = _FEATURE_KIND[feature(args)], 2 * macs
         elif name in _VIEW_OPS:
             self.features["calls_view"] += 1
+            kind, macs, flops = "view", 0, 0
         else:
-            self.features["elems_norm" if name in _NORM_OPS else "elems_other"] += out.numel()
+            norm = name in _NORM_OPS
+            self.features["elems_norm" if norm else "elems_other"] += out.numel()
             self.features["calls_compute"] += 1
+            kind, macs = ("norm" if norm else "elementwise"), 0
+            flops = out.numel() * (NORM_FLOPS_PER_ELEMENT if norm else 1)
+        if self.record_ops:
+            self._record(name, kind, macs, flops, args, kwargs, out)
         return out
 
 
@@ -170,3 +266,16 @@ def forward_features(model: nn.Module, inputs: dict[str, Any]) -> dict[str, floa
     with torch.inference_mode(), trace:
         model(**inputs)
     return dict(trace.features)
+
+
+def forward_ops(
+    model: nn.Module, inputs: dict[str, Any] | tuple, dtype: torch.dtype | None = None
+) -> list[OpCost]:
+    """One :class:`OpCost` per top-level call of ``model(**inputs)`` (or ``model(*inputs)``), bytes at
+    ``dtype`` (``None``: as traced). Run under ``torch.no_grad`` (views are told from copies there); on
+    the meta device nothing is computed, so a paper-scale forward takes well under a second."""
+    weights = [*model.parameters(), *model.buffers()]
+    trace = CostTrace(record_ops=True, weights=weights, dtype=dtype)
+    with torch.no_grad(), trace:
+        model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    return trace.ops

@@ -14,18 +14,15 @@ threads, torch version, dtype / precision, compilation and input sizes.
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import torch
 from torch import nn
 
-from harness.device_policy import DevicePolicy, deployed, synchronize
+from harness.device_policy import DevicePolicy, deployed, device_description, synchronize
 
 Inputs = dict[str, Any] | tuple[Any, ...]
 
@@ -52,29 +49,6 @@ class LatencyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@cache
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def device_description(device: str | torch.device = "cpu") -> str:
-    """Human-readable device name: the CPU model (``/proc/cpuinfo``, else ``platform.processor()``) with
-    its logical CPU count, or ``torch.cuda.get_device_name`` for CUDA devices."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        return f"{_cpu_model()} ({os.cpu_count()} logical CPUs)"
-    return device.type
 
 
 def _synchronize(device: torch.device) -> None:
