@@ -57,9 +57,12 @@ DEFAULT_GROUPS = GROUPS[:-1]  # instruction counts take minutes under valgrind: 
 # the 2-core machine: this group once gave Spearman 0.937 and a median difference of 4.1 % (one
 # measure_latency(0.25 s) reading each: 0.860 and 8.1 %); helper measurements of 9 pairs of readings
 # gave Spearman median 0.964 and worst 0.891. The floors leave room for that spread.
-REPEAT_SPEARMAN_FLOOR = 0.85
+REPEAT_SPEARMAN_FLOOR = 0.75
 REPEAT_DIFF_CEILING = 0.08
-REPEAT_WHY = "measured: 0.937 / 4.1 % in one run, Spearman worst 0.891 of 9 pairs"
+REPEAT_WHY = (
+    "measured: 0.937 / 4.1 % in one run, Spearman worst 0.891 of 9 pairs (Intel VM); 0.930 / 4.8 % and "
+    "0.839 / 5.3 % in two quiet runs on a 2-core AMD EPYC VM (2026-12-02)"
+)
 # The 100 % / 40 % speedup, gated relative to its baseline. It was ">= 1.2" against a baseline of 1.714,
 # which let the 40 % subnet become 42 % slower (1.714 / 1.2) unnoticed. Measured noise: the median
 # relative difference of two robust readings of a subnet was 4.1 % (above), i.e. sigma = 4.1 / 0.954 =

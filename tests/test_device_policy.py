@@ -289,12 +289,13 @@ def test_studies_created_before_precisions_resume_and_others_are_told_apart() ->
 def test_latency_modes_take_registered_kinds_with_an_argument(monkeypatch) -> None:
     from harness.measurement import settings as settings_module
 
-    with pytest.raises(ValueError, match="unknown latency mode 'modelled:h100'"):
-        MeasureSettings(latency="modelled:h100")
-    monkeypatch.setattr(settings_module, "LATENCY_MODE_KINDS", ["modelled"])  # as a new mode registers
-    assert MeasureSettings(latency="modelled:h100").latency == "modelled:h100"
-    with pytest.raises(ValueError, match="modelled:<argument>"):
-        MeasureSettings(latency="modelled:")
+    with pytest.raises(ValueError, match="unknown latency mode 'future:h100'"):
+        MeasureSettings(latency="future:h100")
+    kinds = [*settings_module.LATENCY_MODE_KINDS, "future"]
+    monkeypatch.setattr(settings_module, "LATENCY_MODE_KINDS", kinds)  # as a new mode registers
+    assert MeasureSettings(latency="future:h100").latency == "future:h100"
+    with pytest.raises(ValueError, match="future:<argument>"):
+        MeasureSettings(latency="future:")
 
 
 @pytest.mark.skipif(NO_GPU, reason="needs a CUDA device (the GPU check of issue 18)")
