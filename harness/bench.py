@@ -53,16 +53,9 @@ BASELINES = RESULTS / "baselines" / "bench.json"
 MOTION_FLOOR = {"largest": 0.75, "p40": 0.5}  # fraction of 16 videos; the shipped base scores 1.0 on both
 GROUPS = ("counts", "latency", "training", "quality", "instructions")
 DEFAULT_GROUPS = GROUPS[:-1]  # instruction counts take minutes under valgrind: --only instructions
-# Latency repeatability gates (two interleaved rounds of robust readings, 12 random subnets). Measured on
-# the 2-core machine: this group once gave Spearman 0.937 and a median difference of 4.1 % (one
-# measure_latency(0.25 s) reading each: 0.860 and 8.1 %); helper measurements of 9 pairs of readings
-# gave Spearman median 0.964 and worst 0.891. The floors leave room for that spread.
-REPEAT_SPEARMAN_FLOOR = 0.7
-REPEAT_DIFF_CEILING = 0.15
-REPEAT_WHY = (
-    "measured: 0.937 / 4.1 % in one run, Spearman worst 0.891 of 9 pairs (Intel VM); 0.930 / 4.8 % and "
-    "0.839 / 5.3 % and 0.832 / 8.9 % in three quiet runs on a 2-core AMD EPYC VM (2026-12-02)"
-)
+# Latency repeatability (two interleaved rounds of robust readings, 12 random subnets) is reported, not
+# gated (see latency_figures). On an Intel 2-core VM it gave Spearman 0.937 and a median difference of
+# 4.1 %, the figure the speedup gate's noise estimate below comes from.
 # The 100 % / 40 % speedup, gated relative to its baseline. It was ">= 1.2" against a baseline of 1.714,
 # which let the 40 % subnet become 42 % slower (1.714 / 1.2) unnoticed. Measured noise: the median
 # relative difference of two robust readings of a subnet was 4.1 % (above), i.e. sigma = 4.1 / 0.954 =
@@ -185,7 +178,7 @@ def latency(
         "latency/sliced_over_static_iqr": Figure(float(q3 - q1), Gate.info()),
         "latency/speedup_100_over_40": Figure(speedup, SPEEDUP_GATE),
         # Reported, not gated: the machine's own noise, not the code's. Four quiet runs on one 2-core AMD
-        # EPYC VM (2026-12-02) gave Spearman 0.930 / 0.839 / 0.832 / 0.517 (REPEAT_WHY for the others).
+        # EPYC VM (2026-12-02) gave Spearman 0.930 / 0.839 / 0.832 / 0.517 (an Intel VM 0.937, worst pair 0.891).
         "latency/repeat_spearman": Figure(rep["robust"][0], Gate.info()),
         "latency/repeat_median_rel_diff": Figure(rep["robust"][1], Gate.info()),
         "latency/single_reading_repeat_spearman": Figure(rep["single"][0], Gate.info()),
