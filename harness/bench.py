@@ -51,8 +51,9 @@ from search_spaces import build_supernet
 
 BASELINES = RESULTS / "baselines" / "bench.json"
 MOTION_FLOOR = {"largest": 0.75, "p40": 0.5}  # fraction of 16 videos; the shipped base scores 1.0 on both
-GROUPS = ("counts", "latency", "training", "quality", "instructions")
+GROUPS = ("counts", "roofline", "latency", "training", "quality", "instructions")
 DEFAULT_GROUPS = GROUPS[:-1]  # instruction counts take minutes under valgrind: --only instructions
+DEFAULT_MODELLED = "modelled:a100-sxm4-80gb:bf16"  # the roofline group's device: the paper's A100
 # Latency repeatability (two interleaved rounds of robust readings, 12 random subnets) is reported, not
 # gated (see latency_figures). On an Intel 2-core VM it gave Spearman 0.937 and a median difference of
 # 4.1 %, the figure the speedup gate's noise estimate below comes from.
@@ -198,6 +199,35 @@ def instructions() -> dict[str, Figure]:
     return {"instructions/pixel-base/p40/forward": Figure(float(count.count), gate)}
 
 
+def roofline(mode: str = DEFAULT_MODELLED) -> dict[str, Figure]:
+    """Modelled latency (``harness.roofline``, ``--latency modelled:<device>[:<precision>]``) of one
+    denoiser step (guidance pair) of the tiny base's 40 % and largest subnets and of the paper preset's
+    SNED-S and SNED-B, and the two 100 % / 40 % speedups (the paper's Table 1 reports 1.53x on an A100).
+    The model is deterministic, so every figure is gated both ways: a change means the catalogue, the
+    efficiencies, the per-op cost trace or the architecture changed, and is adopted with ``--update``."""
+    from harness.roofline.fit import load_model
+    from harness.roofline.metric import parse_modelled
+    from harness.roofline.model import denoiser_ops
+
+    key, precision = parse_modelled(mode)
+    model = load_model(key, precision)
+    gate = Gate("both", rel=1e-6, why="deterministic model of a catalogued device")
+    out = {}
+    for preset, names in (("tiny", ("p40", "largest")), ("paper", ("SNED-S", "SNED-B"))):
+        with torch.device("meta"):  # shapes only: the paper preset's 1.6B parameters are never allocated
+            net = build_supernet("pixel-base", preset)
+        step = {}
+        for name, fraction in zip(names, (0.4, 1.0)):
+            arrays = denoiser_ops(
+                net, net.space.subnet_at_fraction(fraction), net.hyper.frames, 2, model.dtype
+            )
+            step[name] = model.forward(arrays).seconds * 1e3
+            out[f"roofline/{key}:{precision}/{preset}/{name}/step_ms"] = Figure(step[name], gate)
+        speedup = step[names[1]] / step[names[0]]
+        out[f"roofline/{key}:{precision}/{preset}/speedup_100_over_40"] = Figure(speedup, gate)
+    return out
+
+
 def _train_step_time(model, forward, params, masks, repeats: int = 3) -> float:
     opt = (
         MaskedAdamW(params, lr=1e-4)
@@ -311,8 +341,21 @@ def main(argv=None) -> None:
     p.add_argument("--only", action="append", choices=GROUPS, help="run only these groups (repeatable)")
     p.add_argument("--report", default=str(RESULTS / "bench-report.json"), help="JSON report path")
     p.add_argument("--threads", type=int, default=2, help="torch threads for timings")
+    p.add_argument(
+        "--latency",
+        default=DEFAULT_MODELLED,
+        help="the roofline group's device: modelled:<device>[:<precision>] (python -m harness.roofline catalogue)",
+    )
     add_device_arguments(p, latency=True, text=False)
     args = p.parse_args(argv)
+    from harness.roofline.metric import is_modelled, parse_modelled
+
+    # parse_modelled names an unknown device or precision in one line, before minutes of work
+    if not is_modelled(args.latency) or parse_modelled(args.latency)[0] == "host":
+        raise ValueError(
+            f"--latency {args.latency}: the bench models a catalogued device, e.g. {DEFAULT_MODELLED}; "
+            "the host's latency is the latency group's"
+        )
     policy = policy_from_args(args)  # before minutes of work: --device cuda here fails at once
     policy.apply()
     groups = args.only or list(DEFAULT_GROUPS)
@@ -328,6 +371,7 @@ def main(argv=None) -> None:
     figures: dict[str, Figure] = {}
     runners = {
         "counts": counts,
+        "roofline": lambda: roofline(args.latency),
         "latency": lambda: latency(args.threads, policy=policy),
         "training": lambda: training(args.threads),  # the training step is timed on the CPU (fp32)
         "quality": lambda: quality(policy),

@@ -48,14 +48,19 @@ def _config(path: str, net: Supernet) -> SubnetConfig:
     return net.space.validate(SubnetConfig.from_json(Path(path).read_text()))
 
 
-def print_values(metrics: list[str], values: dict[str, float], floor: dict | None = None) -> None:
+def print_values(
+    metrics: list[str], values: dict[str, float], floor: dict | None = None, modelled: tuple[str, ...] = ()
+) -> None:
     """One line per metric: ``value ± standard error`` (``± n/a`` when a noisy figure has none, the
-    value alone for an exact count) and, for FVD/KVD, the protocol's floor (``floor`` of the FVD
-    measurement's extra: held-out real videos scored in place of generated ones)."""
+    value alone for an exact count, ``(model)`` for the ``modelled`` ones: deterministic, no sampling
+    error) and, for FVD/KVD, the protocol's floor (``floor`` of the FVD measurement's extra: held-out real
+    videos scored in place of generated ones)."""
     print(f"{'metric':<16} {'value ± SE':>22} {'floor ± SE':>18}")
     for name in metrics:
         shown = format_estimate(values.get(name), values.get(f"{name}_std"))
-        if name in COUNT_METRICS:
+        if name in modelled and values.get(name) is not None:
+            shown = f"{values[name]:.4g} (model)"
+        elif name in COUNT_METRICS:
             shown = f"{values.get(name, float('nan')):.6g}"
         base = (floor or {}).get(name)
         floor_cell = "" if base is None else format_estimate(base, (floor or {}).get(f"{name}_se"))
@@ -117,12 +122,13 @@ def main(argv=None) -> None:
             measurer.candidate_id(cand), "fvd", measurer.quality.protocol(cand), measurer.quality.device
         )
         extra = (json.loads(row.extra) if isinstance(row.extra, str) else row.extra) or {}
-    print_values(metrics, values, extra.get("floor", {}) if quality else None)
+    modelled = tuple(m for m, group in measurer.cost.items() if getattr(group, "mode", "") == "modelled")
+    print_values(metrics, values, extra.get("floor", {}) if quality else None, modelled)
     if quality:
         print_quality_details(extra)
         print(f"FVD/KVD extractor: {extractor.name}; latency per generated video on {measurer.device_name}")
     policy = settings.policy
-    print(f"device {policy.device} ({measurer.device_name}), precision {policy.precision}"
+    print(f"device {policy.device} ({measurer.quality.device}), precision {policy.precision}"
           f"{', compiled' if policy.compile else ''}{', CUDA graphs' if policy.cuda_graphs else ''}")  # fmt: skip
 
 

@@ -2,11 +2,12 @@
 
     python -m harness.predictor --family pixel-base --preset tiny --resolution 16 \\
         --out results/latency/pixel-base-tiny-16.json [--checkpoint DIR] [--batch 2] [--threads 2] \\
-        [--fit 80] [--holdout 30]
+        [--fit 80] [--holdout 30] [--latency modelled:host]
 
 Times ``--fit + --holdout`` random subnets (see ``harness.metrics.latency_predictor``), fits on the first
 group, prints the calibration on the held-out group (MAPE, max error, Spearman) and writes the predictor
-JSON. The defaults are the measured latency's per-forward conditions (``python -m harness.search``'s
+JSON; ``--latency modelled:<device>`` also scores that roofline model (``harness.roofline``) on the same
+held-out readings, beside the predictor's figures. The defaults are the measured latency's per-forward conditions (``python -m harness.search``'s
 defaults: batch 2 = the classifier-free-guidance pair, 2 threads, the preset's frames); the JSON records
 them and a search with ``--latency predicted`` refuses a predictor fitted under others. ``--checkpoint`` is a ``Supernet.save_pretrained`` directory; without it an untrained supernet is
 built (weights do not change latency). Without ``--out`` the JSON goes next to the checkpoint
@@ -23,7 +24,7 @@ from harness.device_policy import add_device_arguments, policy_from_args
 from harness.measurement.settings import MeasureSettings
 from harness.measurement.timing import MachineBusy
 from harness.metrics.latency_predictor import LatencyPredictor
-from search_spaces import Supernet, build_supernet, load_supernet
+from search_spaces import SubnetConfig, Supernet, build_supernet, load_supernet
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clock", choices=("wall",), default="wall", help="wall-clock latency (what the search measures)"
     )
+    p.add_argument(
+        "--latency",
+        default="measured",
+        help="measured (fit only), or modelled:<device>[:<precision>]: also report that roofline model "
+        "(harness.roofline; a calibration beside --checkpoint is preferred) on the same held-out readings",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="predictor JSON path")
     p.add_argument("--no-progress", action="store_true")
@@ -79,6 +86,22 @@ def _out_path(args: argparse.Namespace, net: Supernet, resolution: int) -> Path:
     return Path("results/latency") / f"{net.family}-{net.preset}-{resolution}.json"
 
 
+def compare_modelled(predictor: LatencyPredictor, net: Supernet, mode: str, checkpoint: Path | None) -> dict:
+    """The roofline model of ``mode`` scored on the predictor's held-out readings, under the same
+    resolution, frames and batch per forward (``calibration_report``'s figures and the model's label)."""
+    from harness.metrics.latency_predictor import calibration_report
+    from harness.roofline.fit import load_model
+    from harness.roofline.metric import parse_modelled
+    from harness.roofline.model import denoiser_ops
+
+    model = load_model(*parse_modelled(mode, predictor.provenance.get("dtype")), checkpoint)
+    frames, batch = predictor.provenance["frames"], predictor.provenance["batch"]
+    cfgs = [net.space.validate(SubnetConfig.from_dict(h["subnet"])) for h in predictor.holdout]
+    modelled = [model.forward(denoiser_ops(net, c, frames, batch, model.dtype)).seconds * 1e3 for c in cfgs]
+    measured = [h["measured_ms"] for h in predictor.holdout]
+    return {"device": model.label, "mode": mode, **calibration_report(measured, modelled)}
+
+
 def format_report(predictor: LatencyPredictor) -> str:
     """The calibration as a short two-column table."""
     p, c = predictor.provenance, predictor.calibration
@@ -103,6 +126,14 @@ def format_report(predictor: LatencyPredictor) -> str:
         ]
     measured = [h["measured_ms"] for h in predictor.holdout]
     rows.append(("held-out latency range", f"{min(measured):.1f} - {max(measured):.1f} ms"))
+    if "modelled" in c:  # the roofline model on the same readings (--latency modelled:...)
+        m = c["modelled"]
+        rows += [
+            (f"roofline MAPE ({m['device']})", f"{m['mape_pct']:.1f} %"),
+            ("roofline Spearman", f"{m['spearman']:.3f}"),
+        ]
+        if not m["mode"].startswith("modelled:host"):  # another device's milliseconds: ranks compare
+            rows.append(("roofline note", "a modelled device other than this host: compare ranks only"))
     head = (
         f"latency predictor {p['family']}/{p['preset']}: {p['resolution']}px x {p['frames']} frames, "
         f"batch {p['batch']}\n{p['device_name']}, {p['threads']} thread(s), "
@@ -115,6 +146,10 @@ def format_report(predictor: LatencyPredictor) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.latency != "measured":
+            from harness.roofline.metric import parse_modelled
+
+            parse_modelled(args.latency)  # a bad mode is one line before minutes of timing
         policy = policy_from_args(args)  # before anything is built: a missing GPU is one line
         policy.apply()
         net = _load_net(args).to(policy.torch_device)
@@ -140,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         if policy.precision != "fp32":  # what the search's Latency.conditions() compares against
             predictor.provenance["dtype"] = policy.precision
         predictor.provenance["policy"] = policy.provenance()
+        if args.latency != "measured":
+            predictor.calibration["modelled"] = compare_modelled(
+                predictor, net, args.latency, args.checkpoint
+            )
     except (ValueError, FileNotFoundError, MachineBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness import analysis
-from harness.analysis.loading import FLOOR_METRICS
+from harness.analysis.loading import FLOOR_METRICS, is_modelled_protocol
 from harness.metric_names import COUNT_METRICS, METRICS, metric_name
 from harness.paths import RESULTS
 from harness.store import redact_url
@@ -40,6 +40,8 @@ def study_results(
 def _cell(row: Mapping, column: str) -> str:
     if column in COUNT_METRICS:
         return METRICS[column].format(row.get(column))
+    if is_modelled_protocol(row.get(f"{column}_protocol")) and not pd.isna(row.get(column)):
+        return f"{METRICS[column].format(row.get(column))} (model)"  # deterministic: no sampling error
     return analysis.format_estimate(row.get(column), row.get(f"{column}_std"), column)
 
 
@@ -86,9 +88,10 @@ def report_front(
     )
     print(format_front(front))
     print(RULE.format(z=noise_z))
+    devices = ", ".join(sorted(df["device"].dropna().unique())) if not df.empty else "this machine"
     print(
         "± = standard error. FVD/KVD from the offline proxy extractor unless --fvd-weights was given; "
-        "latency per generated video on this machine (see the store for the full provenance)."
+        f"latency per generated video on {devices} (see the store for the full provenance)."
     )
     if not plot or front.empty:
         return None

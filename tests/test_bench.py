@@ -217,3 +217,28 @@ def test_full_bench_passes_against_committed_baselines(tmp_path):
         "training",
         "quality",
     }
+
+
+# -- the roofline group --------------------------------------------------------------------------------
+def test_roofline_figures_match_their_baselines_and_name_the_device():
+    """The modelled figures are deterministic: this run's equal the stored ones within the exact gate
+    (a catalogue, efficiency or cost-trace change shows up here until adopted), and a faster catalogued
+    GPU models a faster paper-scale step (H100's bf16 peak and bandwidth exceed A100-SXM4's)."""
+    from harness.bench import DEFAULT_MODELLED, roofline
+
+    a100 = roofline(DEFAULT_MODELLED)
+    rows = compare(a100, load_baselines(BASELINES))
+    assert rows and all(r["verdict"] not in FAILING for r in rows), rows
+    h100 = roofline("modelled:h100-sxm:bf16")
+    paper_b = "paper/SNED-B/step_ms"
+    assert (
+        h100[f"roofline/h100-sxm:bf16/{paper_b}"].value
+        < a100[f"roofline/a100-sxm4-80gb:bf16/{paper_b}"].value
+    )
+    assert a100["roofline/a100-sxm4-80gb:bf16/paper/speedup_100_over_40"].value > 1.0
+
+
+def test_bench_latency_option_refuses_the_host_in_one_line(tmp_path):
+    proc = bench("--only", "roofline", "--latency", "modelled:host", "--report", str(tmp_path / "r.json"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --latency modelled:host") and not (tmp_path / "r.json").exists()

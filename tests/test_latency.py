@@ -172,3 +172,38 @@ def test_fit_refuses_the_process_clock(tiny_nets):
 def test_cli_rejects_unknown_resolution(capsys):
     assert main(["--family", "pixel-base", "--preset", "tiny", "--resolution", "24", "--no-progress"]) == 2
     assert "resolution 24" in capsys.readouterr().err
+
+
+def test_predictor_reports_a_roofline_model_on_its_held_out_readings(predictor, tiny_nets, tmp_path):
+    """``--latency modelled:<device>``: the model is scored on the predictor's own held-out readings,
+    the same subnets under the same frames and batch; the host's model needs its calibration first."""
+    from harness.metrics.latency_predictor import calibration_report
+    from harness.predictor import compare_modelled
+    from harness.roofline import RooflineModel, get_device
+    from harness.roofline.model import denoiser_ops
+    from search_spaces import SubnetConfig
+
+    net = tiny_nets["pixel-base"]
+    report = compare_modelled(predictor, net, "modelled:a100-sxm4-80gb", None)
+    model = RooflineModel(get_device("a100-sxm4-80gb"), "fp32")
+    by_hand = [
+        model.forward(denoiser_ops(net, SubnetConfig.from_dict(h["subnet"]), FRAMES, 2)).seconds * 1e3
+        for h in predictor.holdout
+    ]
+    expected = calibration_report([h["measured_ms"] for h in predictor.holdout], by_hand)
+    assert report["n"] == 6 and report["mape_pct"] == pytest.approx(expected["mape_pct"])
+    assert report["device"] == model.label
+    predictor.calibration["modelled"] = report
+    try:
+        text = format_report(predictor)
+    finally:
+        del predictor.calibration["modelled"]
+    assert "roofline Spearman" in text and "compare ranks only" in text
+    with pytest.raises(ValueError, match="calibrate"):
+        compare_modelled(predictor, net, "modelled:host", tmp_path)
+
+
+def test_cli_rejects_an_unknown_modelled_device_before_timing(capsys):
+    assert main(["--latency", "modelled:nope", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown device 'nope'") and err.count("\n") == 1

@@ -388,6 +388,7 @@ def test_search_with_modelled_latency_end_to_end(tmp_path: Path):
 
     import optuna
 
+    from harness.analysis import load_results
     from harness.store import Store, optuna_storage
 
     url = f"sqlite:///{tmp_path}/e.db"
@@ -415,9 +416,14 @@ def test_search_with_modelled_latency_end_to_end(tmp_path: Path):
     assert all("modelled-roofline-v1" in p for p in latency.protocol)
     fvd = rows[rows.metric == "fvd"]
     assert set(fvd.device).isdisjoint(latency.device)  # quality is the host's, never the model's
-    if proc.returncode != 0 and "no results for device" in proc.stderr:
-        # The analysis (harness.analysis.loading) takes one device per setting, so a front of modelled
-        # latency (model's device) against FVD (the host's) is not built yet: the lead's to wire.
-        pytest.xfail("the front of modelled latency x host FVD needs harness.analysis to join devices")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The study's rows pair the model's latency with the host's FVD, one row per told trial; the
+    # host's own rows (measured params/FVD alone) stay rows of no study.
+    df = load_results(url, study.study_name)
+    mine = df[df.study == study.study_name]
+    assert sorted(mine.trial_number) == sorted(t.number for t in complete)
+    assert set(mine.device) == set(latency.device)
+    assert set(mine.quality_device) == set(fvd.device)
+    assert mine[["latency_ms", "fvd"]].notna().all().all()
+    assert "quality_device" in df and (df.device != df.quality_device).sum() == len(mine)
     assert "Pareto front" in proc.stdout

@@ -2,7 +2,9 @@
 
 **Rows.** :func:`load_results` pivots the measurements (one store row per metric) to one row per
 candidate x trial link x *setting*. Measurements are grouped by ``device`` and never combined across
-devices, except the counted ``params`` and ``flops`` (device ``"any"``), which join every device's row;
+devices, except the counted ``params`` and ``flops`` (device ``"any"``), which join every device's row,
+and a *modelled* device's rows (``harness.roofline``: latency of a GPU that is not here), which also join
+each measuring device's quality as a row of the modelled device whose ``quality_device`` names the host;
 a metric held under several protocols on one device repeats the row per combination, and FVD and KVD
 of one row share their extractor. ``device``, ``extractor`` and ``<metric>_protocol`` name a row's
 setting; the analysis raises ``ValueError`` on rows that mix devices (or extractors, for quality
@@ -278,13 +280,23 @@ def _candidate_rows(group: pd.DataFrame, totals: dict[int, dict[str, int]], info
 
 def _link_joins(linked: Mapping[str, Any] | None, setting: Mapping[str, Any]) -> bool:
     """Whether a trial link's recorded setting admits a row's setting: same device (rows of counted
-    metrics only have no device) and, when both name one, the same extractor. Protocols are the
-    fidelities' business (``row_fidelity``), so a reproduce run's rows stay beside the study's."""
+    metrics only have no device), the same quality device (the link's own device when it names none:
+    a modelled device's row joined with a host's quality joins only a link that names that host) and,
+    when both name one, the same extractor. Protocols are the fidelities' business (``row_fidelity``),
+    so a reproduce run's rows stay beside the study's."""
     if not linked:
         return True
     device_ok = setting["device"] in (None, linked.get("device"))
+    quality_device = linked.get("quality_device", linked.get("device"))
+    quality_ok = setting["quality_device"] in (None, quality_device)
     extractor_ok = setting["extractor"] is None or linked.get("extractor") in (None, setting["extractor"])
-    return device_ok and extractor_ok
+    return device_ok and quality_ok and extractor_ok
+
+
+def is_modelled_protocol(protocol: str | None) -> bool:
+    """Whether a measurement's protocol is a model's (``harness.roofline``: ``...:modelled-roofline-v1:...``)
+    rather than a reading on the device its row names."""
+    return bool(protocol) and ":modelled-" in protocol
 
 
 def _settings(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -295,15 +307,26 @@ def _settings(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for m in measurements:
         if m["measurement_id"] not in shared_ids:
             by_device.setdefault(m["device"], []).append(m)
+    groups = [(device, device, own) for device, own in (by_device or {None: []}).items()]
+    # A modelled device (its rows are a model's, not readings on it) has no quality of its own: its
+    # metrics also join each measuring device's other metrics (FVD generated on the host, say) as one
+    # setting named after the modelled device, with the measuring one as its quality device.
+    modelled = {d for d, own in by_device.items() if all(is_modelled_protocol(m["protocol"]) for m in own)}
+    for model_device in sorted(modelled):
+        model_metrics = {m["metric"] for m in by_device[model_device]}
+        for device in sorted(set(by_device) - modelled):
+            rest = [m for m in by_device[device] if m["metric"] not in model_metrics]
+            if rest:
+                groups.append((model_device, device, by_device[model_device] + rest))
     settings = []
-    for device, own in (by_device or {None: []}).items():
+    for device, quality_device, own in groups:
         variants: dict[str, list[dict[str, Any]]] = {}
         for m in shared + own:
             variants.setdefault(m["metric"], []).append(m)
         for combination in itertools.product(*variants.values()):
             extractors = {m["extractor"] for m in combination if m["metric"] in ("fvd", "kvd")}
             if len(extractors - {None}) <= 1:
-                settings.append(_setting_columns(device, combination))
+                settings.append({**_setting_columns(device, combination), "quality_device": quality_device})
     return settings
 
 
@@ -342,7 +365,7 @@ def _order_columns(results: pd.DataFrame) -> pd.DataFrame:
     values = [c for m in METRICS[1:] for c in ((m,) if m in COUNT_METRICS else (m, f"{m}_std"))]
     floors = [c for m in FLOOR_METRICS for c in (f"{m}_floor", f"{m}_floor_se")]
     protocols = [f"{m}_protocol" for m in METRICS]
-    known = [*LINK_COLUMNS, *CANDIDATE_COLUMNS, *values, *floors, "device", "extractor", "fidelity",
+    known = [*LINK_COLUMNS, *CANDIDATE_COLUMNS, *values, *floors, "device", "quality_device", "extractor", "fidelity",
              *protocols, "status", "error"]  # fmt: skip
     for column in known:
         if column not in results:
@@ -391,6 +414,7 @@ def check_comparable(df: pd.DataFrame, objectives: Objectives) -> None:
     """Raise ``ValueError`` when the rows with all ``objectives`` mix devices or (quality) extractors."""
     rows = df.dropna(subset=list(objectives))
     checks = [("device", any(o not in COUNT_METRICS for o in objectives)),
+              ("quality_device", any(o in QUALITY_METRICS for o in objectives)),
               ("extractor", any(o in QUALITY_METRICS for o in objectives))]  # fmt: skip
     for column, matters in checks:
         present = sorted(rows[column].dropna().unique()) if column in rows else []

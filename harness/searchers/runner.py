@@ -221,6 +221,8 @@ def link_setting(measurer: Measurer, cand: Candidate, metrics: list[str]) -> dic
                "protocols": {m: p for m, p in protocols.items() if m in metrics}}  # fmt: skip
     if set(metrics) & set(QUALITY_METRICS):
         setting["extractor"] = measurer.quality.extractor.name
+        # Modelled latency (another device's) beside quality generated here: the row joins both.
+        setting["quality_device"] = measurer.quality.device
     return setting
 
 
