@@ -1,14 +1,15 @@
 """Noise schedules (diffusers' schedulers, not rewritten), the training loss, and guided denoising.
 
 A *denoiser* is anything called as ``denoiser(sample, timestep, encoder_hidden_states, **conditioning)``:
-a ``Supernet`` with a subnet bound (``bind_subnet``) or an extracted static ``VideoUNet``.
+a ``Supernet`` with a subnet bound (``bind_subnet``) or an extracted static ``VideoUNet``. ``ddim_sample``
+also takes one denoiser per step (a trajectory schedule: a different subnet for different steps).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -147,7 +148,7 @@ def noise_augment(
 
 @torch.no_grad()
 def ddim_sample(
-    denoiser: Callable,
+    denoiser: Callable | Sequence[Callable],
     shape: tuple[int, ...],
     context: torch.Tensor | None,
     null: torch.Tensor | None,
@@ -164,6 +165,10 @@ def ddim_sample(
     """DDIM sampling with classifier-free guidance: ``out = out_null + g * (out_text - out_null)`` on the
     denoiser's output (epsilon or v, as ``schedule`` says).
 
+    ``denoiser``: one callable run at every step, or a sequence of ``steps`` callables, ``denoiser[i]``
+    run at step ``i + 1`` in sampling order (step 1 is the noisiest), e.g. one subnet for the first steps
+    and another for the rest.
+
     ``shape`` ``(B, C, T, H, W)``; ``context``/``null`` ``(B, L, D)`` text tokens (``None`` when
     unconditional or ``guidance == 1``). Conditioning tensors are repeated for the doubled batch.
     ``noise``: the initial sample ``shape`` (drawn from ``generator`` when ``None``), so a caller can
@@ -172,6 +177,9 @@ def ddim_sample(
     in float32 (an autocast forward returns half precision) before guidance and the DDIM update.
     Returns the sample, clamped to [-1, 1] when ``clip`` (pixels; latents are returned as they are).
     """
+    per_step = None if callable(denoiser) else list(denoiser)
+    if per_step is not None and len(per_step) != steps:
+        raise ValueError(f"got {len(per_step)} per-step denoisers for {steps} steps; give one per step")
     sched = schedule.sampling_scheduler(steps)
     if noise is not None and tuple(noise.shape) != tuple(shape):
         raise ValueError(f"initial noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
@@ -181,15 +189,16 @@ def ddim_sample(
     x = x.to(device)
     guided = context is not None and null is not None and guidance != 1.0
     timesteps = sched.timesteps if progress is None else progress(sched.timesteps)
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
+        net = denoiser if per_step is None else per_step[i]
         tt = torch.full((shape[0],), int(t), dtype=torch.long, device=x.device)
         if guided:
             cond = {k: torch.cat([v, v]) for k, v in conditioning.items()}
-            out = denoiser(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, null]), **cond)
+            out = net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([context, null]), **cond)
             out_text, out_null = out.float().chunk(2)
             out = out_null + guidance * (out_text - out_null)
         else:
-            out = denoiser(x, tt, context, **conditioning).float()
+            out = net(x, tt, context, **conditioning).float()
         x = sched.step(out, t, x, generator=generator).prev_sample
     return x.clamp(-1, 1) if clip else x
 

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         "nearest this fraction of the supernet's parameters (e.g. 0.4)",
     )
     p.add_argument("--ssr-subnet", default=None, help="SSR subnet config JSON (its resolution = output)")
+    p.add_argument(
+        "--candidate",
+        default=None,
+        help="instead of --subnet: a candidate JSON file, e.g. a trajectory schedule "
+        "(Candidate.to_json, or harness.export's candidate.json)",
+    )
     p.add_argument("--metrics", default="params,flops,latency,fvd,kvd", help="comma-separated metrics")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="store URL (default results/harness.db)")
     add_model_arguments(p)
@@ -46,6 +52,31 @@ def _config(path: str, net: Supernet) -> SubnetConfig:
     if not Path(path).is_file():
         raise FileNotFoundError(f"subnet file {path} does not exist")
     return net.space.validate(SubnetConfig.from_json(Path(path).read_text()))
+
+
+def _candidate_file(path: str, net: Supernet, ssr: Supernet | None) -> Candidate:
+    """A candidate JSON file: ``Candidate.to_json()`` (subnet, chain or trajectory) or the record
+    ``harness.export`` writes (its ``candidate`` field), validated in the spaces."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"candidate file {p} does not exist; write one with harness.export")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{p} is not JSON ({e.msg} at line {e.lineno}); pass a candidate JSON file"
+        ) from None
+    d = d.get("candidate", d) if isinstance(d, dict) else d
+    return Candidate.from_dict(d).validate(net, ssr)
+
+
+def _has_ssr(path: str) -> bool:
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # _candidate_file says what is wrong with it
+    d = d.get("candidate", d) if isinstance(d, dict) else {}
+    return isinstance(d, dict) and d.get("ssr") is not None
 
 
 def print_values(
@@ -99,7 +130,15 @@ def main(argv=None) -> None:
         else net.space.largest()
     )
     ssr, cand = None, Candidate(cfg)
-    if args.ssr_subnet:
+    if args.candidate:
+        if args.subnet or args.fraction or args.ssr_subnet:
+            raise ValueError(
+                "--candidate names the whole candidate: drop --subnet, --fraction and --ssr-subnet"
+            )
+        ssr = load_bundle(args.ssr_checkpoint) if _has_ssr(args.candidate) else None
+        settings.policy.place(ssr)
+        cand = _candidate_file(args.candidate, net, ssr.supernet if ssr else None)
+    elif args.ssr_subnet:
         ssr = load_bundle(args.ssr_checkpoint)
         settings.policy.place(ssr)
         cand = Candidate(cfg, _config(args.ssr_subnet, ssr.supernet)).validate(net, ssr.supernet)

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from harness import analysis
 from harness.analysis import Minimize, Objectives
+from harness.analysis.trajectories import trajectory_kind
 from harness.analysis.uncertainty import standard_errors
 from harness.metric_names import COUNT_METRICS, METRICS
 
@@ -57,26 +58,42 @@ def _bars(rows: pd.DataFrame, objective: str, z: float) -> np.ndarray | None:
     return None if objective in COUNT_METRICS else z * se
 
 
+MARKERS = {"single subnet": "o", "schedule": "s"}  # trajectory schedules (issue 20) drawn as squares
+
+
+def _by_kind(rows: pd.DataFrame):
+    """``(kind, marker, rows of that kind)`` for each kind present (single subnets, then schedules)."""
+    kinds = trajectory_kind(rows)
+    for kind, marker in MARKERS.items():
+        part = rows[kinds == kind]
+        if len(part):
+            yield kind, marker, part
+
+
 def _draw_front(
     ax: Axes, rows: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str], flags: list[bool], z: float
 ) -> None:
     """All ``rows`` faint, ``front`` highlighted and joined by its attainment staircase, every point with
-    its ``± z SE`` error bars in both axes; statistically tied front points hollow."""
+    its ``± z SE`` error bars in both axes; statistically tied front points hollow. Single subnets are
+    circles, trajectory schedules squares (labelled only when a panel has both)."""
     x, y = objectives
-    ax.errorbar(rows[x], rows[y], xerr=_bars(rows, x, z), yerr=_bars(rows, y, z), fmt="o", ms=3.5,
-                color="0.6", alpha=0.35, elinewidth=0.6, label=f"candidates ({len(rows)})")  # fmt: skip
+    mixed = len(set(trajectory_kind(rows))) > 1
+    for kind, marker, part in _by_kind(rows):
+        label = f"{kind} candidates ({len(part)})" if mixed else f"candidates ({len(part)})"
+        ax.errorbar(part[x], part[y], xerr=_bars(part, x, z), yerr=_bars(part, y, z), fmt=marker, ms=3.5,
+                    color="0.6", alpha=0.35, elinewidth=0.6, label=label)  # fmt: skip
     tied = front["tied"].to_numpy(bool) if "tied" in front else np.zeros(len(front), bool)
     strict = front[~tied].sort_values(x)
     # Staircase of the region the strict front dominates: "post" when the x objective is minimised.
     ax.step(strict[x], strict[y], where="post" if flags[0] else "pre", color="C0", linewidth=1.2)
-    ax.errorbar(strict[x], strict[y], xerr=_bars(strict, x, z), yerr=_bars(strict, y, z), fmt="o", ms=5,
-                color="C0", elinewidth=1.0, capsize=2, zorder=3,
-                label=f"Pareto front ({len(strict)}); bars ±{z:g} SE")  # fmt: skip
-    if tied.any():
-        others = front[tied]
-        ax.errorbar(others[x], others[y], xerr=_bars(others, x, z), yerr=_bars(others, y, z), fmt="o",
-                    ms=5, mfc="none", color="C0", elinewidth=0.8, capsize=2, zorder=3,
-                    label=f"statistically tied ({len(others)})")  # fmt: skip
+    for kind, marker, part in _by_kind(strict):
+        label = f"Pareto front{f' {kind}s' if mixed else ''} ({len(part)}); bars ±{z:g} SE"
+        ax.errorbar(part[x], part[y], xerr=_bars(part, x, z), yerr=_bars(part, y, z), fmt=marker, ms=5,
+                    color="C0", elinewidth=1.0, capsize=2, zorder=3, label=label)  # fmt: skip
+    for kind, marker, part in _by_kind(front[tied]):
+        label = f"statistically tied{f' {kind}s' if mixed else ''} ({len(part)})"
+        ax.errorbar(part[x], part[y], xerr=_bars(part, x, z), yerr=_bars(part, y, z), fmt=marker,
+                    ms=5, mfc="none", color="C0", elinewidth=0.8, capsize=2, zorder=3, label=label)  # fmt: skip
     _draw_floors(ax, rows, objectives)
     for column, setter in ((x, ax.set_xscale), (y, ax.set_yscale)):
         if _use_log(rows[column]):

@@ -2,7 +2,9 @@
 or, for a latent family, the latent denoiser followed by the autoencoder's decoder.
 
 ``generate`` works with supernets at given subnets and with extracted static subnets alike; the metrics
-(FVD, latency of a whole generation) call it, and so does ``python -m harness.sample``.
+(FVD, latency of a whole generation) call it, and so does ``python -m harness.sample``. A trajectory
+schedule (``Chain.base_segments``, issue 20) runs a different base subnet for different sampling steps:
+sliced from the one supernet, or from the static networks an exported schedule holds.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from harness.candidates import Segment
 from harness.device_policy import DevicePolicy
 from harness.diffusion import bind_subnet, ddim_sample, noise_augment, null_context
 from harness.latent import LatentCodec
@@ -30,7 +33,15 @@ class Chain:
     the paper's noise schedule, no codec); ``text_encoder`` is the loaded encoder (``None`` when
     unconditional). A latent base model's codec decodes its samples to pixels. ``policy``: the device
     and precision generation runs under (``harness.device_policy``; ``None``: fp32 on the device the
-    base network's weights are on); the models must be there already (``DevicePolicy.place``)."""
+    base network's weights are on); the models must be there already (``DevicePolicy.place``).
+
+    ``base_segments`` (a trajectory candidate's ``Candidate.segments``; empty: ``base_subnet`` at every
+    step): segment ``Segment(first, last, subnet)`` runs ``subnet`` of the base supernet at steps
+    ``first .. last`` (1-based, sampling order), sliced per step with no weight copy. ``base_networks``
+    (an exported schedule; empty for a supernet): one static network per segment, aligned with
+    ``base_segments``, run in its place; ``base`` is then the first segment's bundle (schedule, codec,
+    frames) and each segment's ``subnet`` records what its network was cut at. ``generate`` must be
+    given the schedule's step count."""
 
     base: ModelBundle
     ssr: ModelBundle | None = None
@@ -38,12 +49,31 @@ class Chain:
     base_subnet: SubnetConfig | None = None
     ssr_subnets: dict[int, SubnetConfig] = field(default_factory=dict)
     policy: DevicePolicy | None = None
+    base_segments: tuple[Segment, ...] = ()
+    base_networks: tuple[torch.nn.Module, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, ModelBundle):
             self.base = in_memory(self.base)
         if self.ssr is not None and not isinstance(self.ssr, ModelBundle):
             self.ssr = in_memory(self.ssr)
+        self.base_segments = tuple(self.base_segments)
+        self.base_networks = tuple(self.base_networks)
+        if self.base_networks and len(self.base_networks) != len(self.base_segments):
+            raise ValueError(
+                f"got {len(self.base_networks)} static networks for {len(self.base_segments)} segments; "
+                "give one per segment"
+            )
+        if self.base_segments and not self.base_networks and not isinstance(self.base.network, Supernet):
+            raise ValueError(
+                "a schedule of subnets needs a supernet base; for static subnets pass one per segment "
+                "as base_networks"
+            )
+        first = self.base_segments[0].subnet if self.base_segments else None
+        if first is not None and self.base_subnet is not None and self.base_subnet != first:
+            raise ValueError(
+                "base_subnet is not the first segment's subnet; leave base_subnet unset for a schedule"
+            )
 
     @property
     def run_policy(self) -> DevicePolicy:
@@ -63,7 +93,8 @@ class Chain:
 
     @property
     def base_resolution(self) -> int:
-        return self.base_subnet.resolution if self.base_subnet is not None else self.base.default_resolution
+        cfg = self.base_subnet or (self.base_segments[0].subnet if self.base_segments else None)
+        return cfg.resolution if cfg is not None else self.base.default_resolution
 
     @property
     def frames(self) -> int:
@@ -148,11 +179,36 @@ class _Noise:
         return torch.cat(draws).to(self.device)
 
 
-def _base_denoiser(chain: Chain):
+def _base_denoiser(chain: Chain, steps: int):
+    """The base model's denoiser: one callable, or for a schedule one per step (``ddim_sample``)."""
     net = chain.base.network
+    if chain.base_segments:
+        return _per_step_denoisers(chain, steps)
     if isinstance(net, Supernet):
         return bind_subnet(net, chain.base_subnet or net.space.largest())
     return net
+
+
+def _per_step_denoisers(chain: Chain, steps: int) -> list:
+    """``chain.base_segments`` unrolled to one denoiser per step: the segment's subnet bound to the one
+    supernet (a slicing closure, no copy) or its static network, repeated over the segment's steps."""
+    segments = chain.base_segments
+    if segments[-1].last != steps:
+        raise ValueError(
+            f"the schedule's segments end at step {segments[-1].last} but generation runs {steps} "
+            f"steps; pass steps={segments[-1].last} (the schedule's step count)"
+        )
+    out, expected = [], 1
+    for i, seg in enumerate(segments):
+        if seg.first != expected or seg.last < seg.first:
+            raise ValueError(
+                f"segment {i + 1} covers steps {seg.first}-{seg.last} but the schedule is at step "
+                f"{expected}; segments must cover 1 .. {steps} in order (build them with Candidate.schedule)"
+            )
+        net = chain.base_networks[i] if chain.base_networks else bind_subnet(chain.base.network, seg.subnet)
+        out.extend([net] * seg.steps)
+        expected = seg.last + 1
+    return out
 
 
 @torch.no_grad()
@@ -176,6 +232,9 @@ def generate(
     results by the float round-off of batched kernels (up to 2.4e-6 between batches of 16 and 4 on a
     2-core Xeon: 4 of 147,456 values one 8-bit level apart).
 
+    ``steps``: the base denoiser's DDIM steps (a schedule's own count when ``chain.base_segments`` is
+    set: anything else is a ``ValueError``); ``ssr_steps``: each SSR stage's (``None``: ``steps``).
+
     With a latent codec, ``resolution`` is the latent size and the decoded video is
     ``(B, 3, T * d_t, R * d_h, R * d_w)``. Runs on ``chain.run_policy``'s device and precision; the
     video is float32 on that device."""
@@ -197,7 +256,7 @@ def _generate(chain, prompts, resolution, steps, ssr_steps, guidance, seed, aug_
 
     shape = (b, chain.channels, frames, stages[0], stages[0])
     video = ddim_sample(
-        _base_denoiser(chain),
+        _base_denoiser(chain, steps),
         shape,
         context,
         null_context(chain.base.network, b),

@@ -68,6 +68,20 @@ def format_front(front: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def format_trajectory_comparison(table: pd.DataFrame) -> str:
+    """``compare_trajectories``' table as lines: hypervolume ± spread per kind on one reference."""
+    reference = tuple(round(v, 4) for v in table["reference"].iloc[0])
+    head = f"single subnets against trajectory schedules (one reference point {reference}; "
+    lines = [head + "± = spread over redraws of every point within its SEs):"]
+    for _, row in table.iterrows():
+        lines.append(
+            f"  {row['kind']:>13}: {row['n_candidates']:3d} candidates, front {row['front_size']:2d} "
+            f"({row['on_overall_front']} on the front of all), hypervolume "
+            f"{row['hypervolume']:.4g} ± {row['hypervolume_spread']:.2g}"
+        )
+    return "\n".join(lines)
+
+
 def report_front(
     df: pd.DataFrame,
     url: str,
@@ -88,6 +102,8 @@ def report_front(
     )
     print(format_front(front))
     print(RULE.format(z=noise_z))
+    if not df.empty and (analysis.trajectory_kind(df) == "schedule").any():
+        print(format_trajectory_comparison(analysis.compare_trajectories(df, columns)))
     devices = ", ".join(sorted(df["device"].dropna().unique())) if not df.empty else "this machine"
     print(
         "± = standard error. FVD/KVD from the offline proxy extractor unless --fvd-weights was given; "

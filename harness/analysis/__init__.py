@@ -4,7 +4,8 @@ comparison, Table 1 and the reproduction of a front. Used by ``notebooks/pareto_
 
 One job per module: :mod:`~harness.analysis.loading` (the results table, fidelities, selection),
 :mod:`~harness.analysis.uncertainty` (noise-aware dominance: its rule is stated there),
-:mod:`~harness.analysis.fronts` (fronts and hypervolume), :mod:`~harness.analysis.tables` (Table 1 and
+:mod:`~harness.analysis.fronts` (fronts and hypervolume), :mod:`~harness.analysis.trajectories`
+(single subnets against trajectory schedules), :mod:`~harness.analysis.tables` (Table 1 and
 ``value ± SE`` formatting), :mod:`~harness.analysis.reproduce` (stored against re-measured values) and
 :mod:`~harness.analysis.remeasure` (the re-measurement itself, which loads the models).
 """
@@ -59,6 +60,12 @@ from harness.analysis.tables import (
     fraction_subnets,
     table1,
 )
+from harness.analysis.trajectories import (
+    cheapest_matching,
+    compare_trajectories,
+    hypervolume_spread,
+    trajectory_kind,
+)
 from harness.analysis.uncertainty import DEFAULT_Z, difference_se, dominance_matrix, noise_front_mask
 
 __all__ = [
@@ -79,10 +86,12 @@ __all__ = [
     "Objectives",
     "Reference",
     "Reproduction",
+    "cheapest_matching",
     "check_comparable",
     "compare",
     "compare_resolutions",
     "compare_searchers",
+    "compare_trajectories",
     "default_neighbours",
     "difference_se",
     "dominance_matrix",
@@ -94,6 +103,7 @@ __all__ = [
     "fronts_by_resolution",
     "hypervolume",
     "hypervolume_over_trials",
+    "hypervolume_spread",
     "latency_flops_correlation",
     "load_bootstrap",
     "load_results",
@@ -108,4 +118,5 @@ __all__ = [
     "study_attributes",
     "table1",
     "tied_count",
+    "trajectory_kind",
 ]

@@ -52,7 +52,8 @@ from harness.store._models import MeasurementModel, SupernetModel
 METRICS = tuple(metric_names.METRICS)
 LINK_COLUMNS = ("study", "searcher", "trial_number")
 CANDIDATE_COLUMNS = ("candidate_key", "candidate_id", "supernet_id", "family", "kind", "resolution",
-                     "description", "params", "supernet_params", "param_fraction")  # fmt: skip
+                     "steps", "segments", "description", "params", "supernet_params",
+                     "param_fraction")  # fmt: skip
 FLOOR_METRICS = ("fvd", "kvd")  # metrics whose protocol has a floor (real videos scored as generated)
 BOOTSTRAP_METRICS = ("fvd", "kvd")  # metrics whose measurement may carry bootstrap replicates
 FULL = "full"
@@ -150,7 +151,9 @@ def load_results(
     """The store's measurements, one row per candidate x trial link x setting (see the module docstring).
 
     Columns: ``study, searcher, trial_number`` (missing without a trial link); ``candidate_key,
-    candidate_id, supernet_id, family, kind`` (subnet/chain), ``resolution`` (px), ``description``,
+    candidate_id, supernet_id, family, kind`` (subnet/chain/schedule), ``resolution`` (px), ``steps``
+    (a trajectory candidate's own step count; NaN: the protocol's), ``segments`` (base subnets over the
+    trajectory: 1 unless a schedule), ``description``,
     ``params``, ``supernet_params`` (of the supernet(s) cut from; NaN if unknown), ``param_fraction``
     (the trial's user attribute, else params / supernet_params); per metric its value (``flops``: FLOP,
     one multiply-add = one FLOP, per video; ``latency_ms``: ms per video; ``fvd``, ``kvd``,
@@ -254,13 +257,14 @@ def _candidate_rows(group: pd.DataFrame, totals: dict[int, dict[str, int]], info
     the commit point of a trial's link."""
     first = group.iloc[0]
     config = first["config"] if isinstance(first["config"], dict) else {}
-    kind = "chain" if config.get("format") == "sned-chain/1" else "subnet"
+    kind, steps, segments = _candidate_kind(config)
     total = totals.get(int(first["supernet_id"]), {})
-    parts = ("base", "ssr") if kind == "chain" else ("base",)
+    parts = ("base", "ssr") if config.get("ssr") is not None else ("base",)
     supernet_params = float(sum(total[p] for p in parts)) if all(p in total for p in parts) else np.nan
     candidate = {"candidate_key": first["candidate_key"], "candidate_id": int(first["candidate_id"]),
                  "supernet_id": int(first["supernet_id"]), "family": first["family"], "kind": kind,
-                 "resolution": int(first["resolution"]), "description": first["description"],
+                 "resolution": int(first["resolution"]), "steps": steps, "segments": segments,
+                 "description": first["description"],
                  "params": float(first["params"]), "supernet_params": supernet_params}  # fmt: skip
     links = [(study, searcher, number, linked)
              for study, searcher, number, linked in zip(first["study_names"], first["searchers"],
@@ -276,6 +280,18 @@ def _candidate_rows(group: pd.DataFrame, totals: dict[int, dict[str, int]], info
             link = {"study": study, "searcher": searcher, "trial_number": number, "param_fraction": fraction}
             rows.append({**link, **candidate, **setting})
     return rows
+
+
+def _candidate_kind(config: Mapping[str, Any]) -> tuple[str, float, int]:
+    """``(kind, steps, segments)`` of a stored candidate config: ``kind`` is ``"schedule"`` for a
+    trajectory of several subnets (issue 20), else ``"chain"`` (base + SSR) or ``"subnet"``; ``steps``
+    the candidate's own step count (NaN: the protocol's); ``segments`` the number of base subnets."""
+    fmt = config.get("format")
+    if fmt == "sned-trajectory/1":
+        segments = len(config.get("segments") or ()) or 1
+        kind = "schedule" if segments > 1 else ("chain" if config.get("ssr") is not None else "subnet")
+        return kind, float(config.get("steps", np.nan)), segments
+    return ("chain" if fmt == "sned-chain/1" else "subnet"), np.nan, 1
 
 
 def _link_joins(linked: Mapping[str, Any] | None, setting: Mapping[str, Any]) -> bool:

@@ -76,7 +76,7 @@ class FlopCount(CostMetric):
         for stage in g.denoisers(cand):
             static = stage.supernet.extract(stage.subnet)  # on the supernet's device: inputs go there
             inputs = g.stage_inputs(static, stage.resolution, 1, _device_of(static))
-            stages.append(GenerationStage(static, inputs, g.steps, g.guided, name=stage.name))
+            stages.append(GenerationStage(static, inputs, stage.steps, g.guided, name=stage.name))
         codec = g.base.codec
         once = g.once_per_video(cand, _device_of(codec.autoencoder)) if codec is not None else []
         stages += [GenerationStage(w.module, w.inputs, 1, False, name=w.name) for w in once]
@@ -85,7 +85,8 @@ class FlopCount(CostMetric):
 
 class Latency(CostMetric):
     """Milliseconds per generated video: each stage's per-forward latency (measured on the extracted
-    static subnet, or predicted) times the steps, plus the once-per-video work (always measured).
+    static subnet, or predicted) times its steps (a trajectory candidate's segments each over their own
+    steps), plus the once-per-video work (always measured).
 
     A measured forward is a robust reading (``harness.measurement.timing``: timed rounds, estimator,
     contention probe on the stage supernet's smallest subnet under the same inputs, retries); when no clean
@@ -244,9 +245,10 @@ class Latency(CostMetric):
 
     def compute(self, cand: Candidate) -> Computed:
         g = self.generation
-        per_stage = [self._forward(stage) for stage in g.denoisers(cand)]
-        total = sum(s["forward_ms"] for s in per_stage) * g.steps
-        se = sum(s["se_ms"] for s in per_stage) * g.steps
+        stages = g.denoisers(cand)
+        per_stage = [{**self._forward(stage), "steps": stage.steps} for stage in stages]
+        total = sum(s["forward_ms"] * s["steps"] for s in per_stage)
+        se = sum(s["se_ms"] * s["steps"] for s in per_stage)
         once = g.once_per_video(cand, self.target)
         for work in once:
             module = _on_device(work.module, self.target)
@@ -276,9 +278,9 @@ class Latency(CostMetric):
             "batch_per_forward": g.batch_per_forward,
             "frames": g.pixel_frames,
             "resolution": g.pixel_resolution(cand),
-            "steps": g.steps,
-            "definition": "sum over stages of steps x per-forward latency (CFG pair batched)"
-            + "".join(f" + one {w.name}" for w in once),
+            "steps": g.steps_of(cand),
+            "definition": "sum over stages (a trajectory's segments) of their steps x per-forward latency"
+            " (CFG pair batched)" + "".join(f" + one {w.name}" for w in once),
             "std_definition": "standard error against a fresh quiet re-reading (rounds + between-reading floor)",
         }
         if measured:  # contract item 3, at the top level; per stage in "stages"

@@ -20,12 +20,14 @@ from search_spaces import SubnetConfig, Supernet, make_dummy_inputs
 
 @dataclass(frozen=True)
 class DenoiserStage:
-    """One denoiser of a generation, run ``steps`` times (twice per step under guidance)."""
+    """One denoiser of a generation, run ``steps`` times (twice per step under guidance): a whole stage,
+    or one segment of a trajectory candidate's base denoiser (its steps only)."""
 
     name: str
     supernet: Supernet
     subnet: SubnetConfig
     resolution: int
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,31 @@ class Generation:
         codec = self.base.codec
         return codec.pixel_resolution(cand.resolution) if codec is not None else cand.resolution
 
+    def steps_of(self, cand: Candidate) -> int:
+        """The base denoiser's sampling steps for ``cand``: its own (a trajectory candidate's) or the
+        protocol's. SSR stages always run the protocol's steps."""
+        return cand.steps or self.steps
+
     def denoisers(self, cand: Candidate) -> list[DenoiserStage]:
-        base = self.base.supernet
-        out = [DenoiserStage(f"{base.family}@{cand.base.resolution}", base, cand.base, cand.base.resolution)]
-        for r, cfg in cand.ssr_stages(cand.base.resolution).items():
-            out.append(DenoiserStage(f"{self.ssr.supernet.family}@{r}", self.ssr.supernet, cfg, r))
+        """Every denoiser run of a generation with its step count: the base (one entry per segment of
+        a trajectory candidate, named by its steps), then each SSR stage."""
+        base, r0 = self.base.supernet, cand.base.resolution
+        segments = cand.trajectory(self.steps)
+        named = len(segments) > 1
+        out = [
+            DenoiserStage(
+                f"{base.family}@{r0}" + (f"[steps {s.first}-{s.last}]" if named else ""),
+                base,
+                s.subnet,
+                r0,
+                s.steps,
+            )
+            for s in segments
+        ]
+        for r, cfg in cand.ssr_stages(r0).items():
+            out.append(
+                DenoiserStage(f"{self.ssr.supernet.family}@{r}", self.ssr.supernet, cfg, r, self.steps)
+            )
         return out
 
     def once_per_video(self, cand: Candidate, device: str | torch.device = "cpu") -> list[OncePerVideo]:
@@ -103,7 +125,10 @@ class Generation:
         return {k: v.to(device) for k, v in inputs.items()}
 
     def suffix(self, cand: Candidate) -> str:
-        """The generation's part of a protocol string, e.g. ``ddim8:cfg:16px:12f``."""
+        """The generation's part of a protocol string, e.g. ``ddim8:cfg:16px:12f``. The steps named are
+        the protocol's: a trajectory candidate that carries its own (``cand.steps``) runs those instead,
+        and its key says so, so its rows never stand for another step count; one protocol per study
+        keeps single-subnet and trajectory candidates in one front."""
         if self.base.codec is not None:  # latent size, then the decoded video's size
             return (
                 f"ddim{self.steps}:nocfg:{cand.resolution}lat:{self.frames}f:"
@@ -114,4 +139,4 @@ class Generation:
     def chain(self, cand: Candidate, text_encoder) -> Chain:
         """The pipeline that generates ``cand``'s videos (``harness.pipeline.generate``)."""
         return Chain(self.base, self.ssr, text_encoder, cand.base, cand.ssr_stages(cand.base.resolution),
-                     policy=self.policy)  # fmt: skip
+                     policy=self.policy, base_segments=cand.segments)  # fmt: skip

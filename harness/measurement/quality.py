@@ -315,7 +315,8 @@ class FrechetQuality(QualityMetric):
             start = have
             while start < n:  # chunks end on multiples of GENERATION_BATCH (see there)
                 stop = min(n, (start // GENERATION_BATCH + 1) * GENERATION_BATCH)
-                video = generate(chain, prompts[start:stop], cand.resolution, steps=s.steps,
+                video = generate(chain, prompts[start:stop], cand.resolution,
+                                 steps=cand.steps or s.steps, ssr_steps=s.steps,
                                  guidance=s.guidance, video_seeds=video_seeds(seed, start, stop))  # fmt: skip
                 parts.append(quantize_to_uint8(video))
                 start = stop

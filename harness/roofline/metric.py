@@ -94,7 +94,7 @@ class ModelledLatency(CostMetric):
             + " + once-per-video work",
             "precision": self.model.precision,
             "batch_per_forward": self.generation.batch_per_forward,
-            "steps": self.generation.steps,
+            "steps": self.generation.steps_of(cand),
             "calibration_report": calibration.get("report"),
             "model": self.model.identity(),
         }

@@ -247,7 +247,7 @@ def modelled_generation(model: RooflineModel, generation: Generation, cand: Cand
             model,
             stage.name,
             denoiser_ops(stage.supernet, stage.subnet, g.frames, g.batch_per_forward, model.dtype),
-            g.steps,
+            stage.steps,  # a trajectory candidate's segments: each over its own steps
         )
         for stage in g.denoisers(cand)
     ]
