@@ -21,6 +21,7 @@ from harness.cli import run_cli
 from harness.diffusion import SCHEDULES
 from harness.training.loop import TrainOptions, init_distributed, train
 from harness.training.precision import PRECISIONS
+from harness.training.timestep_bands import check_timestep_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.late_timestep_multiplier,
         help="draw those timesteps this many times as often (1: uniform; >1 trains the coarse "
         "layout and motion that sampling decides first)",
+    )
+    p.add_argument(
+        "--timestep-aware",
+        type=float,
+        default=d.timestep_aware,
+        metavar="P",
+        help="probability that a sample's timestep comes from its subnet's band (small subnets: the "
+        "noisy steps, large: the clean ones, as trajectory schedules use them); 0: off, the paper's",
+    )
+    p.add_argument(
+        "--timestep-band",
+        type=float,
+        default=d.timestep_band,
+        metavar="W",
+        help="width of a subnet's band as a fraction of the timesteps (with --timestep-aware)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
     p.add_argument("--out", default=d.out, help="run directory (checkpoint, log.jsonl, samples)")
@@ -145,6 +161,7 @@ def main(argv=None) -> None:
         raise ValueError(f"--workers {args.workers} is negative; pass 0 (load in this process) or more")
     if args.bucket_mb <= 0:
         raise ValueError(f"--bucket-mb {args.bucket_mb} must be positive; pass e.g. 25")
+    check_timestep_options(args.timestep_aware, args.timestep_band)
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
     init_distributed(opts.device)
     try:

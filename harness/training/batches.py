@@ -269,17 +269,23 @@ class StepDataset(torch.utils.data.Dataset):
     Sharding is by construction: step ``s`` draws ``global_batch`` sample indices from ``(seed, s)`` and
     rank ``r`` of ``K`` loads only samples ``r, r + K, ...`` (DistributedSampler's interleave, without
     sampler state to save: a resumed run starts at its step). ``resolution_of(step)`` gives the pixel
-    resolution of the step's subnet; ``draw`` the remaining ``draw_step`` arguments. Workers of a
-    ``DataLoader`` prefetch whole steps (decoding and resizing folder videos off the training process)."""
+    resolution of the step's subnet; ``t_weights_of(step)``, when given, the step's timestep weights
+    (timestep-aware sampling: they depend on the step's subnet), replacing ``draw``'s ``t_weights``;
+    ``draw`` the remaining ``draw_step`` arguments. Workers of a ``DataLoader`` prefetch whole steps
+    (decoding and resizing folder videos off the training process)."""
 
-    def __init__(self, source: ClipSource, resolution_of, steps: range, **draw) -> None:
+    def __init__(self, source: ClipSource, resolution_of, steps: range, t_weights_of=None, **draw) -> None:
         self.source, self.resolution_of, self.steps, self.draw = source, resolution_of, steps, draw
+        self.t_weights_of = t_weights_of
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def __getitem__(self, step: int) -> StepSamples:
-        return draw_step(self.source, step=step, resolution=self.resolution_of(step), **self.draw)
+        draw = self.draw
+        if self.t_weights_of is not None:
+            draw = {**draw, "t_weights": self.t_weights_of(step)}
+        return draw_step(self.source, step=step, resolution=self.resolution_of(step), **draw)
 
 
 def step_loader(dataset: StepDataset, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:

@@ -3,11 +3,12 @@
 Each iteration samples one subnet and one resolution (within that resolution's size cap and the sampling
 warm-up's limits), computes the diffusion loss of that subnet, and updates *only its weights*: the masked
 AdamW leaves every other weight, its Adam moments and its step count bit-identical; the EMA moves only
-where the weights moved. Options beyond the paper (off by default): the sandwich rule and in-place
-distillation. Data-parallel under ``torchrun`` (every rank samples the same subnet; only the gradients
-inside its regions are all-reduced, in overlapping buckets: ``distributed.py``). ``--device`` places the
-supernet, codec, text encoder and every batch; ``--precision`` picks fp32 or bf16/fp16 autocast
-(``precision.py``).
+where the weights moved. Options beyond the paper (off by default): the sandwich rule, in-place
+distillation, and timestep-aware sampling (each subnet mostly trained at the timesteps trajectory
+schedules give subnets of its size: ``timestep_bands.py``). Data-parallel under ``torchrun`` (every
+rank samples the same subnet; only the gradients inside its regions are all-reduced, in overlapping
+buckets: ``distributed.py``). ``--device`` places the supernet, codec, text encoder and every batch;
+``--precision`` picks fp32 or bf16/fp16 autocast (``precision.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from harness.training.distributed import (
 from harness.training.distributed import init_distributed as _init_distributed
 from harness.training.masked_optim import MaskedAdamW, MaskedEMA, masked_clip_grad_norm_
 from harness.training.precision import Precision, set_tf32
+from harness.training.timestep_bands import check_timestep_options, subnet_timestep_weights
 from search_spaces import Supernet, build_supernet, upgrade_state_dict
 
 
@@ -77,6 +79,8 @@ class TrainOptions:
     schedule: str = "eps-cosine"  # noise schedule + prediction target (harness.diffusion.SCHEDULES)
     late_timestep_portion: float = 0.25  # the noisiest quarter of the timesteps ...
     late_timestep_multiplier: float = 1.0  # ... drawn this many times as often (1 = uniform, the paper's)
+    timestep_aware: float = 0.0  # P(a timestep from its subnet's band), per sample (0 = off, the paper's)
+    timestep_band: float = 0.5  # width of a subnet's band, as a fraction of the training timesteps
     seed: int = 0
     out: str = "results/runs/train"
     checkpoint_every: int = 200
@@ -129,6 +133,23 @@ class StepResolution:
         return subnets_for_step(self.space, self.opts, step)[0].resolution * self.pixel_scale
 
 
+@dataclass(frozen=True)
+class StepTimestepWeights:
+    """Timestep weights of a step under timestep-aware sampling (picklable, for DataLoader workers): the
+    band of the step's subnet mixed into ``base`` (``timestep_bands.py``); a sandwich step uses its
+    random subnet's band (its subnets share one batch)."""
+
+    space: object
+    opts: TrainOptions
+    base: torch.Tensor | None = None  # the run's timestep_weights (None: uniform)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        cfg = subnets_for_step(self.space, self.opts, step)[-1]  # the random one (the sandwich's last)
+        return subnet_timestep_weights(
+            self.space, cfg, self.opts.timestep_aware, self.opts.timestep_band, self.base
+        )
+
+
 class Trainer:
     """State of one training run: supernet, masked optimizer, EMA, data, text encoder, all on one device."""
 
@@ -175,6 +196,7 @@ class Trainer:
         self.ema = MaskedEMA(self.net.named_parameters(), decay=opts.ema_decay)
         self.schedule = NoiseSchedule.named(opts.schedule)
         self.t_weights = timestep_weights(opts.late_timestep_portion, opts.late_timestep_multiplier)
+        check_timestep_options(opts.timestep_aware, opts.timestep_band)
         # Buckets launch from gradient hooks during the backward (the UNet's checkpointing is
         # non-reentrant: still one gradient per parameter and backward, which the reducer checks).
         self.reducer = (
@@ -212,6 +234,13 @@ class Trainer:
         scale = self.codec.downsample[1] if self.codec is not None else 1
         return StepResolution(self.net.space, self.opts, scale)
 
+    def step_timestep_weights(self) -> StepTimestepWeights | None:
+        """Each step's timestep weights under timestep-aware sampling; None when it is off (every step
+        then draws from ``t_weights``, bit-identical to a run without the option)."""
+        if not self.opts.timestep_aware:
+            return None
+        return StepTimestepWeights(self.net.space, self.opts, self.t_weights)
+
     def loader(self) -> torch.utils.data.DataLoader:
         """This rank's step batches from the current step to ``opts.steps``, prefetched by workers."""
         opts = self.opts
@@ -223,7 +252,13 @@ class Trainer:
         if workers < 0:
             raise ValueError(f"--workers {workers} is negative; pass 0 (load in this process) or more")
         steps = range(self.step, opts.steps)
-        dataset = StepDataset(self.source, self.step_resolution(), steps, **self._draw_kwargs())
+        dataset = StepDataset(
+            self.source,
+            self.step_resolution(),
+            steps,
+            t_weights_of=self.step_timestep_weights(),
+            **self._draw_kwargs(),
+        )
         return step_loader(dataset, workers, pin_memory=self.device.type == "cuda")
 
     # -- one iteration -------------------------------------------------------------------------------
@@ -239,9 +274,11 @@ class Trainer:
 
         # This rank's share of the global batch at that resolution (latent families: encoded pixel clips).
         if samples is None:
-            samples = draw_step(
-                self.source, step=step, resolution=self.step_resolution()(step), **self._draw_kwargs()
-            )
+            draw = self._draw_kwargs()
+            t_weights_of = self.step_timestep_weights()
+            if t_weights_of is not None:  # timestep-aware: the timesteps follow this step's subnet
+                draw["t_weights"] = t_weights_of(step)
+            samples = draw_step(self.source, step=step, resolution=self.step_resolution()(step), **draw)
         if samples.step != step:
             raise RuntimeError(f"batch of step {samples.step} handed to step {step}")
         encode = self.codec.encode if self.codec is not None else None
@@ -388,7 +425,22 @@ class Trainer:
             },
             "torch_version": torch.__version__,
             "rng": {"scheme": "stateless: numpy default_rng([seed, step, stream])", "seed": self.opts.seed},
+            **self._timestep_metadata(),
             "history_tail": self.history[-50:],
+        }
+
+    def _timestep_metadata(self) -> dict:
+        """How timesteps were drawn, when timestep-aware (the options alone are in ``options``; a run
+        without it keeps the metadata it always had)."""
+        if not self.opts.timestep_aware:
+            return {}
+        return {
+            "timestep_sampling": {
+                "aware": self.opts.timestep_aware,
+                "band": self.opts.timestep_band,
+                "placement": "band start (1 - s)(1 - band) T, s = (f - f_smallest) / (min(1, cap) - "
+                "f_smallest): smallest subnet the noisiest timesteps, largest the cleanest (T-Stitch)",
+            }
         }
 
     def save(self) -> Path | None:
