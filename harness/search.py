@@ -36,7 +36,7 @@ from harness.models import add_model_arguments, load_chain
 from harness.paths import DEFAULT_STORAGE
 from harness.report import report_front, study_results
 from harness.searchers import SEARCHERS, make_searcher, study_sampler
-from harness.searchers.encoding import CandidateEncoding
+from harness.searchers.encoding import MAX_SEGMENTS, CandidateEncoding
 from harness.searchers.optuna_searcher import worker_seed
 from harness.searchers.promotion import RULES, Promotion, parse_rungs
 from harness.searchers.runner import (
@@ -100,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameter fractions whose balanced subnets a new study evaluates first (the "
         "paper's SNED-S/M/L/B points, marked in the plots); '' for none",
     )
+    t = p.add_argument_group("denoising trajectory (issue 20)")
+    t.add_argument(
+        "--steps-choices",
+        default=None,
+        help="comma-separated sampling step counts of the base denoiser to search, e.g. 4,6,8,12,16 "
+        "(default: the protocol's --steps only)",
+    )
+    t.add_argument(
+        "--segments",
+        type=int,
+        default=1,
+        help=f"most base subnets per trajectory, 1 to {MAX_SEGMENTS}: a schedule switches the supernet's "
+        "subnet between sampling steps (default 1: one subnet for every step)",
+    )
     g = p.add_argument_group("multi-fidelity promotion (harness.searchers.promotion)")
     g.add_argument(
         "--rungs",
@@ -121,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_steps_choices(text: str | None) -> tuple[int, ...] | None:
+    """``"4,6,8"`` -> ``(4, 6, 8)`` (sorted); ``None`` -> ``None`` (the protocol's steps only)."""
+    if text is None:
+        return None
+    try:
+        choices = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        choices = []
+    if not choices or any(s < 1 for s in choices) or len(set(choices)) != len(choices):
+        raise ValueError(
+            f"--steps-choices takes distinct comma-separated step counts >= 1 such as 4,6,8, got '{text}'"
+        )
+    return tuple(sorted(choices))
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     objectives = search_objectives(args.objective)
@@ -128,6 +157,9 @@ def main(argv=None) -> None:
         raise ValueError(f"unknown searcher '{args.searcher}' (choose from {', '.join(SEARCHERS)})")
     if args.trials < 1:
         raise ValueError(f"--trials must be at least 1, got {args.trials}")
+    steps_choices = parse_steps_choices(args.steps_choices)
+    if not 1 <= args.segments <= MAX_SEGMENTS:
+        raise ValueError(f"--segments must be from 1 to {MAX_SEGMENTS}, got {args.segments}")
     if args.stale_after < 6:
         raise ValueError(
             f"--stale-after must be at least 6 seconds (heartbeats every sixth), got {args.stale_after}"
@@ -149,7 +181,13 @@ def main(argv=None) -> None:
     net = base.supernet
     text = base.text_encoder.load(settings.device, dtype=args.text_dtype) if base.text_encoder else None
     encoding = CandidateEncoding(
-        net.space, ssr.supernet.space if ssr else None, resolution, net.space.default_resolution
+        net.space,
+        ssr.supernet.space if ssr else None,
+        resolution,
+        net.space.default_resolution,
+        steps_choices=steps_choices,
+        segments=args.segments,
+        default_steps=settings.steps,
     )
     anchors = anchor_candidates(encoding, args.anchors)
     limits = {"params": args.max_params, "flops": args.max_flops, "latency_ms": args.max_latency}
@@ -158,10 +196,10 @@ def main(argv=None) -> None:
     extractor = resolve_extractor(args.fvd_weights, settings.device)  # fails here, before anything is written
     predictors = load_predictors(base, ssr) if args.latency == "predicted" else None
     smallest = Candidate(net.space.smallest(), ssr.supernet.space.smallest(resolution) if ssr else None)
-    check_limits_reachable(
+    check_limits_reachable(  # the cheapest candidate: the smallest subnet at the fewest steps
         Generation(base, ssr, settings.steps, settings.guidance, settings.policy),
         settings,
-        smallest,
+        encoding.cheapest(),
         limits,
         predictors,
     )
@@ -187,9 +225,11 @@ def main(argv=None) -> None:
 
     measurer = measurer_for(settings)
     screens = {rung: measurer_for(s) for rung, s in promotion.rung_settings(settings).items()}
-    name = args.study or default_study_name(
-        net.family, net.preset, resolution, objectives, args.searcher, args.seed
-    )
+    name = (
+        args.study
+        or default_study_name(net.family, net.preset, resolution, objectives, args.searcher, args.seed)
+        + encoding.study_suffix
+    )  # a trajectory search never resumes the single-subnet one's study
     with store.exclusive("optuna-schema"):  # RDBStorage creates Optuna's tables: workers must not race
         storage = optuna_storage(
             url,
@@ -208,6 +248,7 @@ def main(argv=None) -> None:
                 "settings": study_settings(settings),  # policy fields only when not the default
                 "promotion": asdict(promotion),
                 "limits": {m: lim for m, lim in limits.items() if lim is not None},
+                "trajectory": encoding.identity(),  # step choices, segments (and split grid)
                 "fidelity_protocols": {
                     "full": measurer.protocols(probe),
                     **{rung: m.protocols(probe) for rung, m in screens.items()},

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.autoencoder import build_autoencoder
@@ -19,7 +21,7 @@ from harness.metrics.flops import flop_analysis, matmul_flops
 from harness.models import in_memory, load_bundle
 from harness.paths import RESULTS
 from harness.pipeline import Chain, generate
-from harness.store import Store
+from harness.store import Store, optuna_storage
 from harness.training.batches import ClipSource, make_batch
 from search_spaces import build_supernet
 
@@ -230,7 +232,21 @@ def test_train_then_search_export_and_sample_the_latent_family(tmp_path):
     )
     assert (ok[ok.metric == "text_alignment"].value == -1).all()  # unconditional: not applicable
 
-    _run("harness.export", "--storage", db, "--study", "lat", "--trial", "0", "--out", str(tmp_path / "exp"))
+    assert "measurement failed" not in out, out
+    # The first completed trial (a candidate put off while the machine was busy is asked again later).
+    study = optuna.load_study(study_name="lat", storage=optuna_storage(db))
+    trial = min(t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
+    _run(
+        "harness.export",
+        "--storage",
+        db,
+        "--study",
+        "lat",
+        "--trial",
+        str(trial),
+        "--out",
+        str(tmp_path / "exp"),
+    )
     assert load_bundle(tmp_path / "exp" / "base").codec is not None
     out = _run(
         "harness.sample",

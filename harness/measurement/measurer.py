@@ -40,8 +40,9 @@ def check_limits_reachable(
     limits: dict[str, float | None],
     predictors: dict | None = None,
 ) -> None:
-    """Fail before a search starts when even the space's smallest candidate breaks a limit (no subnet
-    can meet it); computes only the limited figures and records nothing."""
+    """Fail before a search starts when even the search's cheapest candidate (``smallest``: the space's
+    smallest subnet, at the fewest steps of a trajectory search) breaks a limit (no candidate can meet
+    it); computes only the limited figures and records nothing."""
     metrics = cost_metrics(generation, settings, predictors)
     for metric, limit in limits.items():
         if limit is None:
@@ -49,8 +50,9 @@ def check_limits_reachable(
         value = metrics[metric].compute(smallest)[0][metric]
         if value > limit:
             raise ValueError(
-                f"{LIMIT_FLAGS[metric]} {limit:g} is below the smallest subnet's {metric} "
-                f"({value:.4g}): no subnet can meet it; raise the limit"
+                f"{LIMIT_FLAGS[metric]} {limit:g} is below the cheapest candidate's {metric} "
+                f"({value:.4g}, the smallest subnet{f' at {smallest.steps} steps' if smallest.steps else ''}): "
+                "no candidate can meet it; raise the limit"
             )
 
 

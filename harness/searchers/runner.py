@@ -30,6 +30,7 @@ from harness.searchers import Searcher
 from harness.searchers.promotion import Promotion, promote, pruned_count, rung_attr, rung_pool
 from harness.store import Store
 from harness.store.urls import sqlite_path
+from search_spaces import ConfigError
 
 # A busy spell is waited out, not given up on at once: a main job with one core kept busy for 150 s put
 # off 11 candidates in 80 s and stopped. Put-offs now wait 5, 10, 20, 40, 60, 60 ... s, and the search
@@ -264,6 +265,7 @@ def run_one(run: SearchRun, shared: bool = False) -> bool:
     if wait:
         time.sleep(WAIT_FOR_OTHERS_S)
         return True
+    _check_proposal(run, cand, handle)
     attrs = _trial_attrs(run, cand)
     known = {m: lim for m, lim in run.limits.items() if m in COUNT_METRICS}  # exact before measuring
     try:
@@ -314,6 +316,17 @@ def run_one(run: SearchRun, shared: bool = False) -> bool:
     objectives = [values[metric_name(o)] for o in run.objectives]
     _tell_linked(run, cand, handle, objectives, run.violations(values), attrs)
     return True
+
+
+def _check_proposal(run: SearchRun, cand: Candidate, handle) -> None:
+    """A proposed candidate must lie in the space (every segment), at one of the search's step counts:
+    one that does not is a searcher's bug, told as a failed trial, and the search stops."""
+    ssr = run.measurer.ssr.supernet if run.measurer.ssr else None
+    try:
+        cand.validate(run.measurer.base.supernet, ssr, run.searcher.encoding.steps_choices)
+    except ConfigError as e:
+        run.searcher.tell(handle, None, error=f"invalid candidate: {e}")
+        raise ValueError(f"searcher {run.searcher.name} proposed an invalid candidate ({e})") from None
 
 
 def _anchor_attrs(run: SearchRun, cand: Candidate) -> dict:
@@ -419,7 +432,9 @@ def open_study(
 
 # Attributes a resumed study must share with the run that created it (what its values mean), and the
 # settings that only say how workers cooperate.
-IDENTITY_ATTRS = ("objectives", "resolution", "settings", "promotion", "limits")
+IDENTITY_ATTRS = ("objectives", "resolution", "settings", "promotion", "limits", "trajectory")
+# What a study created before an identity attribute was recorded had: it searched single subnets.
+IDENTITY_DEFAULTS = {"trajectory": {"steps_choices": None, "segments": 1}}
 COOPERATION_SETTINGS = ("claim_timeout_s",)
 
 
@@ -427,9 +442,9 @@ def check_same_protocol(name: str, recorded: dict, attrs: dict) -> None:
     """Refuse to resume study ``name`` under settings other than those it was created with: its values
     would silently mix protocols. One line naming the first difference and the fix."""
     for key in IDENTITY_ATTRS:
-        if key not in recorded or key not in attrs:
+        if key not in attrs or (key not in recorded and key not in IDENTITY_DEFAULTS):
             continue  # a study created before the attribute was recorded
-        old, new = recorded[key], attrs[key]
+        old, new = recorded.get(key, IDENTITY_DEFAULTS.get(key)), attrs[key]
         if isinstance(old, dict) and isinstance(new, dict):
             for field_name in sorted(set(old) | set(new)):
                 if field_name in COOPERATION_SETTINGS or old.get(field_name) == new.get(field_name):
@@ -449,7 +464,8 @@ def check_same_protocol(name: str, recorded: dict, attrs: dict) -> None:
 def anchor_candidates(encoding, anchors: str) -> list[tuple[float, Candidate]]:
     """The balanced subnet at each fraction of ``anchors`` (``"0.4,0.6,0.8,1.0"``: the paper's
     SNED-S/M/L/B; base and, for a chain, SSR at that fraction, shrunk into the size caps) as candidates of
-    this search, as the encoding represents them."""
+    this search, as the encoding represents them (one subnet at every step, at the protocol's steps or,
+    when a trajectory search's step choices lack them, the nearest choice: ``CandidateEncoding.single``)."""
     try:
         fractions = [float(f) for f in anchors.split(",") if f.strip()]
     except ValueError:
@@ -461,6 +477,6 @@ def anchor_candidates(encoding, anchors: str) -> list[tuple[float, Candidate]]:
     out = []
     for f in fractions:
         ssr = encoding.ssr_space.subnet_at_fraction(f, encoding.resolution) if encoding.chain else None
-        cand = Candidate(encoding.base_space.subnet_at_fraction(f), ssr)
+        cand = encoding.single(encoding.base_space.subnet_at_fraction(f), ssr)  # at the protocol's steps
         out.append((f, encoding.decode(encoding.params(cand))))
     return out
