@@ -86,3 +86,38 @@ def test_front_plot_draws_schedules_as_squares(tmp_path):
     assert any("schedule" in label for label in labels)
     single_only = plot_front(results(SINGLE, ["subnet"] * 3), ("latency_ms", "fvd"))
     assert "s" not in {line.get_marker() for line in single_only.axes[0].lines}
+
+
+@pytest.mark.slow
+def test_trajectory_search_then_the_comparison_command(tmp_path):
+    """A real trajectory search (with the largest subnet as its anchor), then ``python -m harness.analysis
+    trajectories`` on it: hypervolume per kind on one reference and the cheapest match of the largest."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    url = f"sqlite:///{tmp_path}/h.db"
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parent.parent
+
+    def run(*argv):
+        proc = subprocess.run([sys.executable, "-m", *argv], cwd=repo, env=env, text=True,
+                              capture_output=True, timeout=900, check=False)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    run("harness.search", "--objective", "latency", "--steps-choices", "2,3", "--segments", "2",
+        "--trials", "4", "--fvd-videos", "4", "--steps", "2", "--threads", "1", "--no-plot",
+        "--anchors", "1.0", "--storage", url, "--study", "traj")  # fmt: skip
+    out = run("harness.analysis", "trajectories", "--storage", url, "--study", "traj")
+    assert re.search(r"traj: \d+ candidates, hypervolume [\d.e+-]+ ± ", out), out
+    assert "single subnet:" in out and "largest single subnet: fvd" in out, out
+    ratio = float(re.search(r"= ([\d.]+)x the largest's", out).group(1))
+    assert 0 < ratio <= 1.0  # the largest matches itself: the cheapest match is never slower
+    df = analysis.load_results(url, "traj")
+    assert set(df["kind"]) <= {"subnet", "schedule"} and df["segments"].max() <= 2
+    single = df[df["kind"] == "subnet"]
+    assert single["steps"].dropna().isin([3.0]).all()  # own steps only where they differ from --steps 2
+    assert df[df["kind"] == "schedule"]["steps"].isin([2.0, 3.0]).all()

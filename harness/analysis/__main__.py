@@ -67,7 +67,7 @@ def _trajectories(args: argparse.Namespace, url: str) -> None:
         df = analysis.select(analysis.load_results(url, study), study=study, device=args.device)
         if df.empty:
             raise ValueError(f"study '{study}' has no full-fidelity results in the store")
-        frames[study] = df
+        frames[study] = analysis.load_bootstrap(url, df)  # paired SEs under common random numbers
     print(format_study_comparison(study_comparison(frames, objectives, args.z), args.z))
 
 

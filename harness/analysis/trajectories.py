@@ -22,6 +22,7 @@ import pandas as pd
 
 from harness.analysis.fronts import Reference, _prepare, pareto_front
 from harness.analysis.loading import Minimize, Objectives, minimize_flags, points, resolve_objectives
+from harness.analysis.uncertainty import difference_se
 
 KINDS = ("single subnet", "schedule", "all")
 
@@ -100,25 +101,26 @@ def cheapest_matching(
     minimize: Minimize = None,
 ) -> pd.Series | None:
     """The lowest-``cost`` row whose ``quality`` is not worse than the reference candidate's by more
-    than ``z`` combined standard errors (``sqrt(se_a^2 + se_b^2)``): "as good, within noise". The row
-    gains ``cost_ratio`` (its cost over the reference's) and ``quality_gap`` (its quality minus the
-    reference's, in the quality's units). ``None`` when the reference has no such values."""
+    than ``z`` standard errors of the difference: "as good, within noise". The SE is the paired one
+    where both rows carry bootstrap replicates of one protocol (``load_bootstrap``: common random
+    numbers make it smaller), else ``sqrt(se_a^2 + se_b^2)`` (``uncertainty.difference_se``). The row
+    gains ``cost_ratio`` (its cost over the reference's), ``quality_gap`` (its quality minus the
+    reference's) and ``gap_se``. ``None`` when the reference has no such values."""
     quality, cost = resolve_objectives((quality, cost))
     flags = minimize_flags((quality, cost), minimize)
-    rows = df.dropna(subset=[quality, cost]).drop_duplicates("candidate_key")
-    ref = rows[rows["candidate_key"] == reference_key]
-    if ref.empty:
+    rows = df.dropna(subset=[quality, cost]).drop_duplicates("candidate_key").reset_index(drop=True)
+    at = np.flatnonzero(rows["candidate_key"].to_numpy() == reference_key)
+    if not len(at):
         return None
-    ref = ref.iloc[0]
-    se = f"{quality}_std"
-    ref_se = float(ref[se]) if se in rows and pd.notna(ref[se]) else 0.0
-    own_se = rows[se].fillna(0.0) if se in rows else pd.Series(0.0, index=rows.index)
-    margin = z * np.sqrt(own_se**2 + ref_se**2)
+    ref = rows.iloc[at[0]]
+    gap_se = pd.Series(difference_se(rows, quality)[:, at[0]], index=rows.index)
+    margin = z * gap_se
     gap = rows[quality] - float(ref[quality])
     matches = rows[(gap <= margin) if flags[0] else (-gap <= margin)]
     best = matches.sort_values(cost, ascending=flags[1], kind="stable").iloc[0].copy()
     best["cost_ratio"] = float(best[cost]) / float(ref[cost])
     best["quality_gap"] = float(best[quality]) - float(ref[quality])
+    best["gap_se"] = float(gap_se[best.name])
     return best
 
 
@@ -145,6 +147,10 @@ def study_comparison(
         volume, spread = hypervolume_spread(df, objectives, ref, None, draws)
         key = largest_single_subnet(df)
         match = cheapest_matching(df, key, objectives[1], objectives[0], z) if key else None
+        pool = df[(trajectory_kind(df) == "schedule") | (df["candidate_key"] == key)]
+        schedule = cheapest_matching(pool, key, objectives[1], objectives[0], z) if key else None
+        if schedule is not None and schedule["candidate_key"] == key:
+            schedule = None  # no schedule is within noise of the largest subnet
         out["studies"][study] = {
             "n_candidates": df["candidate_key"].nunique(),
             "hypervolume": volume,
@@ -152,6 +158,7 @@ def study_comparison(
             "kinds": compare_trajectories(df, objectives, ref, None, draws),
             "largest": df[df["candidate_key"] == key].iloc[0] if key else None,
             "match": match,
+            "schedule_match": schedule,
         }
     return out
 
@@ -179,9 +186,14 @@ def format_study_comparison(result: dict, z: float = 1.0) -> str:
             f"  largest single subnet: {y} {largest[y]:.4g} ± {largest.get(f'{y}_std', float('nan')):.2g}, "
             f"{x} {largest[x]:.4g} ({largest['description']})"
         )
-        lines.append(
-            f"  cheapest within {z:g} SE of its {y}: {match['description']}: {y} {match[y]:.4g} ± "
-            f"{match.get(f'{y}_std', float('nan')):.2g}, {x} {match[x]:.4g} = {match['cost_ratio']:.3f}x "
-            "the largest's"
-        )
+        for what, row in (("cheapest", match), ("cheapest schedule", r["schedule_match"])):
+            if row is None:
+                continue
+            lines.append(
+                f"  {what} within {z:g} SE of its {y}: {row['description']}: {y} {row[y]:.4g} ± "
+                f"{row.get(f'{y}_std', float('nan')):.2g} (gap {row['quality_gap']:+.3g} ± {row['gap_se']:.2g}"
+                f" paired where replicates allow), {x} {row[x]:.4g} = {row['cost_ratio']:.3f}x the largest's"
+            )
+        if r["schedule_match"] is None and (r["kinds"]["kind"] == "schedule").any():
+            lines.append(f"  no schedule is within {z:g} SE of the largest single subnet's {y}")
     return "\n".join(lines)
