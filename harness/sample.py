@@ -21,10 +21,10 @@ import torch
 from harness.candidates import TRAJECTORY_FORMAT, Candidate
 from harness.cli import run_cli
 from harness.device_policy import add_device_arguments, policy_from_args
-from harness.export import SCHEDULE_FILE, read_schedule
 from harness.models import ModelBundle, load_bundle
 from harness.paths import DEFAULT_BASE, DEFAULT_SSR
 from harness.pipeline import Chain, generate
+from harness.schedule_files import SCHEDULE_FILE, read_schedule
 from harness.video_io import save_frame_grid, save_gif
 from search_spaces import ConfigError, SubnetConfig, Supernet
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from harness import export as export_cli
 from harness import sample as sample_cli
+from harness import schedule_files
 from harness.candidates import Candidate, Segment
 from harness.diffusion import bind_subnet, ddim_sample
 from harness.models import in_memory, load_bundle
@@ -146,7 +147,7 @@ def test_export_then_sample_a_schedule(base, text, schedule, supernet_video, tmp
     assert json.loads((out / "candidate.json").read_text())["steps"] == STEPS
 
     # The exported files, loaded as sample loads them, give the supernet's video.
-    steps, pairs = export_cli.read_schedule(out)
+    steps, pairs = schedule_files.read_schedule(out)
     nets = tuple(load_bundle(folder).network for _, folder in pairs)
     exported = Chain(load_bundle(pairs[0][1]), None, text, base_segments=tuple(s for s, _ in pairs),
                      base_networks=nets)  # fmt: skip
@@ -177,7 +178,7 @@ def test_sample_refuses_bad_schedule_input(base, schedule, tmp_path):
         sample_cli.main([*argv, "--schedule", str(plain)])
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "schedule.json").write_text(json.dumps(export_cli.schedule_record(schedule)))
+    (broken / "schedule.json").write_text(json.dumps(schedule_files.schedule_record(schedule)))
     with pytest.raises(ValueError, match="holds no model"):
         sample_cli.main(["--checkpoint", str(broken), "--prompt", "x", "--out", str(gif)])
     assert not gif.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
@@ -209,6 +210,6 @@ def test_segments_with_the_same_subnet_share_one_folder(base, tmp_path):
         "segment1",
         "segment2",
     ]
-    steps, pairs = export_cli.read_schedule(out)
+    steps, pairs = schedule_files.read_schedule(out)
     assert steps == 3 and [f.name for _, f in pairs] == ["segment1", "segment2", "segment1"]
     assert [s.subnet for s, _ in pairs] == [small, mid, small]
