@@ -19,6 +19,8 @@ from harness.training.timestep_bands import (
     subnet_timestep_weights,
 )
 
+from .test_training import _opts as training_opts
+
 T = NUM_TRAIN_TIMESTEPS
 
 # Timesteps of steps 0..5 (batch 4, seed 0, tiny pixel-base) drawn before the option existed.
@@ -43,19 +45,8 @@ BEFORE = {
 
 
 def _opts(tmp_path, **kw) -> TrainOptions:
-    base = {
-        "family": "pixel-base",
-        "preset": "tiny",
-        "text_encoder": "none",
-        "num_videos": 8,
-        "batch": 4,
-        "steps": 6,
-        "warmup_steps": 0,
-        "checkpoint_every": 1,
-        "out": str(tmp_path / "run"),
-    }
-    base.update(kw)
-    return TrainOptions(**base)
+    """test_training's tiny options at this file's batch and length (weight decay off, as TrainOptions)."""
+    return training_opts(tmp_path, **{"batch": 4, "steps": 6, "weight_decay": 0.0, **kw})
 
 
 def _size(space, cfg) -> float:
