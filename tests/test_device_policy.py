@@ -152,7 +152,7 @@ def test_default_policy_keeps_every_existing_key_and_others_change_it(base) -> N
     assert (
         latency.protocol(cand) == "gen:ddim8:cfg:16px:12f:b1:threads2:measured-static:float32:median7x120ms"
     )
-    assert quality.protocol(cand) == "fvd32_12f_16px@proxy-v1:real256:x1:ddim8:g3:q2-crn-u8-jk:seed0"
+    assert quality.protocol(cand) == "fvd32_12f_16px@proxy-v1:real256:x1:ddim8:g3:q2-crn-bal-u8-jk:seed0"
     assert set(latency.identity(cand)) == {"versions"}
     assert set(quality.identity(cand)) == {"versions", "extractor_sha256"}
 

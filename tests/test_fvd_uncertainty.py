@@ -26,6 +26,7 @@ from harness.metrics.fvd import (
     generation_prompts,
     paired_se,
     protocol_floor,
+    protocol_prompts,
     quantize_8bit,
     real_captions,
 )
@@ -158,7 +159,7 @@ def test_prompts_follow_the_real_caption_distribution() -> None:
 def test_floor_clips_are_heldout_and_caption_matched() -> None:
     protocol = FVDProtocol(num_real=64, num_fake=12, frames=FRAMES, resolution=RESOLUTION, seed=2)
     clips = floor_clips(protocol, seed=2)
-    prompts = generation_prompts(real_captions(protocol), 2, 12)
+    prompts = protocol_prompts(protocol, 2, 12)
     real = SyntheticVideos("heldout", num_videos=64, frames=FRAMES, resolution=RESOLUTION, seed=0)
     real_videos = torch.stack([real[i]["video"] for i in range(64)])
     assert clips.shape == (12, 3, FRAMES, RESOLUTION, RESOLUTION)
@@ -266,8 +267,8 @@ def test_prefix_property_and_reuse_between_fidelities(base, tmp_path) -> None:
     assert values["fvd_std"] > 0 and values["kvd_std"] > 0 and screen_values["fvd_std"] > 0
     assert extra["bootstrap"]["n"] == 16 and len(extra["bootstrap"]["fvd"]) == extra["bootstrap"]["B"]
     assert extra["floor"]["n"] == 16 and extra["floor"]["fvd_se"] > 0
-    assert full.protocol(cand) == "fvd16_12f_16px@proxy-v1:real32:x1:ddim2:g3:q2-crn-u8-jk:seed0"
+    assert full.protocol(cand) == "fvd16_12f_16px@proxy-v1:real32:x1:ddim2:g3:q2-crn-bal-u8-jk:seed0"
     videos = full.videos(cand, 0, 16)
     assert torch.equal(videos, quantize_8bit(videos))
     prompts = full.prompts(full.fvd_protocol(cand), 0, 16)
-    assert prompts == generation_prompts(real_captions(full.fvd_protocol(cand)), 0, 16)
+    assert prompts == protocol_prompts(full.fvd_protocol(cand), 0, 16)

@@ -46,6 +46,7 @@ __all__ = [
     "all_captions",
     "build_dataset",
     "caption_for",
+    "caption_strata",
     "dataset_checks",
     "labels_for",
     "read_captions",
@@ -60,6 +61,13 @@ def dataset_checks(spec: str | os.PathLike) -> dict:
     if str(spec) != "synthetic":
         return {}
     return {"motion_alignment": motion_alignment}
+
+
+def caption_strata(spec: str | os.PathLike):
+    """The strata of a dataset's captions, for the balanced prompt design of a generated set
+    (``harness.metrics.prompts``): ``caption -> {stratum: value}``, or ``None`` where the captions are
+    free text. The built-in synthetic captions name their attributes (``labels_for``); folders: none."""
+    return labels_for if str(spec) == "synthetic" else None
 
 
 SYNTHETIC_SIZES: dict[str, int] = {"train": 1024, "heldout": 256}  # default number of synthetic videos

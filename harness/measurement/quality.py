@@ -5,7 +5,8 @@ generated videos; plus any checks the real videos' dataset provides (opt-in, ``M
 weights hash, a folder real set's content hash) name everything the values depend on.
 
 Generated set (common random numbers): video i of a run seeded s has prompt i of
-``harness.metrics.fvd.generation_prompts(real captions, s, ...)`` and its own noise
+``harness.metrics.fvd.protocol_prompts(protocol, s, ...)`` (balanced over the captions' strata
+where the dataset has them) and its own noise
 (``harness.pipeline.video_seed(s, i)``), for every candidate and whatever the number of videos, so two
 candidates' FVDs differ by the candidates, not by the draw, and a larger protocol's videos start with a
 smaller one's (``GeneratedVideoCache`` reuses them). Videos are quantised to 8 bits before every metric.
@@ -260,11 +261,11 @@ class FrechetQuality(QualityMetric):
         return fvd_protocol(self.settings, g.pixel_frames, g.pixel_resolution(cand), self.extractor.name)
 
     def protocol(self, cand: Candidate) -> str:
-        """E.g. ``fvd32_12f_16px@proxy-v1:real256:x1:ddim8:g3:q2-crn-u8-jk:seed0`` (+ a hash of a
-        folder's real set, + the opted-in checks). ``q2-crn-u8-jk`` names the generated set's design (common
-        random numbers), 8-bit videos and the SE's resampling (jackknife), so rows of older protocols
-        are never reused."""
-        from harness.metrics.fvd import real_stats_key
+        """E.g. ``fvd32_12f_16px@proxy-v1:real256:x1:ddim8:g3:q2-crn-bal-u8-jk:seed0`` (+ a hash of a
+        folder's real set, + the opted-in checks). ``q2-crn-bal-u8-jk`` names the generated set's design
+        (common random numbers, balanced prompts where the captions have strata: ``harness.metrics.prompts``),
+        8-bit videos and the SE's resampling (jackknife), so rows of older protocols are never reused."""
+        from harness.metrics.fvd import prompt_design, real_stats_key
 
         s = self.settings
         p = self.fvd_protocol(cand)
@@ -272,7 +273,9 @@ class FrechetQuality(QualityMetric):
             "" if (p.dataset, p.split) == ("synthetic", "heldout") else f":{real_stats_key(p).split('_')[-1]}"
         )
         checks = f":checks={'+'.join(sorted(self.checks))}" if self.checks else ""
-        version = f":{QUALITY_VERSION}-crn-u8-{p.uncertainty_tag}"
+        # The balanced prompt design names itself; datasets without caption strata keep the older name.
+        design = "" if prompt_design(p) == "rounds" else f"-{prompt_design(p)[:3]}"
+        version = f":{QUALITY_VERSION}-crn{design}-u8-{p.uncertainty_tag}"
         # The candidates' precision changes their videos, so it names another study (fp32: as before).
         precision = "" if s.precision == "fp32" else f":{s.precision}"
         return (
@@ -282,12 +285,12 @@ class FrechetQuality(QualityMetric):
 
     def prompts(self, protocol, seed: int, n: int) -> list[str]:
         """Prompts of videos ``0 .. n - 1`` of run ``seed`` (``generation_prompts`` of the real captions)."""
-        from harness.metrics.fvd import generation_prompts, real_captions, real_stats_key
+        from harness.metrics.fvd import protocol_prompts, real_captions, real_stats_key
 
         key = real_stats_key(protocol)
         if key not in self._captions:
             self._captions[key] = real_captions(protocol)
-        return generation_prompts(self._captions[key], seed, n)
+        return protocol_prompts(protocol, seed, n, captions=self._captions[key])
 
     def _video_key(self, cand: Candidate, protocol, seed: int) -> tuple:
         from harness.metrics.fvd import real_stats_key

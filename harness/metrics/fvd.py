@@ -55,12 +55,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from harness.data import DataError, SyntheticVideos, build_dataset, labels_for
+from harness.data import DataError, SyntheticVideos, build_dataset, caption_strata, labels_for
 from harness.data._common import quantize_to_uint8, uint8_to_unit_range
 from harness.device_policy import default_device
 from harness.metrics.extractor import PROXY_NAME, REPO_ROOT, ProxyExtractor, load_extractor
 from harness.metrics.frechet import combine_runs, paired_bootstrap_se, resampled_distances
 from harness.metrics.i3d import load_i3d
+from harness.metrics.prompts import PROMPT_STREAM, generation_prompts  # noqa: F401 (public here too)
 
 I3D_NAME = "i3d-k400"
 DEFAULT_CACHE_DIR = REPO_ROOT / "results" / "cache" / "real_stats"
@@ -70,7 +71,7 @@ BOOTSTRAP_REPLICATES = 200
 RECORD_METHODS = {"jackknife": "jackknife-delete1-scaled", "bootstrap": "bootstrap-iid"}  # real set fixed
 FLOOR_METHOD = "heldout-real-caption-matched"
 REAL_LEVELS = "uint8"  # every clip is quantised to 8 bits before extraction (part of the cache identity)
-PROMPT_STREAM, FLOOR_STREAM = 0x9120_3417, 0xF100_5EED  # tags of the seeded draws below
+FLOOR_STREAM = 0xF100_5EED  # tag of the floor's seeded draws
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -519,35 +520,19 @@ def real_captions(protocol: FVDProtocol) -> list[str]:
     return [_caption(dataset, i) for i in real_indices(protocol, len(dataset))]
 
 
-def generation_prompts(captions: Sequence[str], seed: int, stop: int, start: int = 0) -> list[str]:
-    """Prompts ``start .. stop - 1`` of a generated set that follows ``captions`` (the real set's).
+def prompt_design(protocol: FVDProtocol) -> str:
+    """``balanced`` where the protocol's dataset gives its captions strata, else ``rounds``
+    (``harness.metrics.prompts``)."""
+    return "rounds" if caption_strata(protocol.dataset) is None else "balanced"
 
-    Stratified draw without replacement: the real captions are split into rounds (round r holds the
-    r-th occurrence of every distinct caption), every round is shuffled by a generator seeded by
-    ``(seed, cycle, round)`` and the rounds are concatenated; past ``len(captions)`` prompts a new cycle
-    starts. So prompt i depends only on ``(captions, seed, i)`` (the same for every candidate and every
-    N: prefix-stable), the first prompts cover distinct captions (the synthetic real set holds each
-    of the 128 attribute combinations twice: prompts 0..127 are the 128 combinations), and a full
-    cycle reproduces the real caption counts exactly.
-    """
-    if not captions:
-        raise ValueError("the real set has no captions to draw prompts from")
-    occurrences: dict[str, int] = {}
-    rounds: list[list[str]] = []
-    for caption in captions:  # first-appearance order, so the draw depends on the real set alone
-        k = occurrences[caption] = occurrences.get(caption, -1) + 1
-        if k == len(rounds):
-            rounds.append([])
-        rounds[k].append(caption)
-    out, size = [], len(captions)
-    for cycle in range(start // size, (stop - 1) // size + 1 if stop > start else 0):
-        order = []
-        for r, members in enumerate(rounds):
-            rng = np.random.default_rng([PROMPT_STREAM, seed, cycle, r])
-            order.extend(members[k] for k in rng.permutation(len(members)))
-        lo, hi = max(start - cycle * size, 0), min(stop - cycle * size, size)
-        out.extend(order[lo:hi])
-    return out
+
+def protocol_prompts(
+    protocol: FVDProtocol, seed: int, stop: int, start: int = 0, captions: Sequence[str] | None = None
+) -> list[str]:
+    """Prompts ``start .. stop - 1`` of run ``seed`` under the protocol's design; ``captions``: the real
+    set's (``real_captions``), when the caller holds them already."""
+    captions = real_captions(protocol) if captions is None else captions
+    return generation_prompts(captions, seed, stop, start, strata=caption_strata(protocol.dataset))
 
 
 def _floor_dataset_seed(protocol: FVDProtocol, seed: int) -> int:
@@ -558,7 +543,7 @@ def _floor_dataset_seed(protocol: FVDProtocol, seed: int) -> int:
 
 def floor_clips(protocol: FVDProtocol, seed: int) -> torch.Tensor:
     """``num_fake`` held-out real clips ``(N, 3, T, R, R)`` standing in for a generated set of ``seed``:
-    clip i has prompt i's caption (``generation_prompts``), and no clip is in the real set.
+    clip i has prompt i's caption (``protocol_prompts``), and no clip is in the real set.
 
     Synthetic data: items of the same split drawn under another dataset seed (independent draws of the
     same generator), the k-th use of a caption taking its k-th occurrence there. A folder: clips
@@ -572,7 +557,7 @@ def floor_clips(protocol: FVDProtocol, seed: int) -> torch.Tensor:
 
 
 def _floor_clips(protocol: FVDProtocol, seed: int) -> torch.Tensor:
-    prompts = generation_prompts(real_captions(protocol), seed, protocol.num_fake)
+    prompts = protocol_prompts(protocol, seed, protocol.num_fake)
     if protocol.dataset == "synthetic":  # items are rendered on demand: the size bound costs nothing
         floor_seed = _floor_dataset_seed(protocol, seed)
         pool = SyntheticVideos(protocol.split, num_videos=2**30, frames=protocol.frames,
@@ -607,7 +592,8 @@ def _floor_clips(protocol: FVDProtocol, seed: int) -> torch.Tensor:
 
 
 def floor_key(protocol: FVDProtocol, seed: int) -> str:
-    return f"{real_stats_key(protocol)}_floor_n{protocol.num_fake}_{protocol.uncertainty_tag}_s{seed}"
+    design = "" if prompt_design(protocol) == "rounds" else f"_{prompt_design(protocol)}"  # rounds: older keys
+    return f"{real_stats_key(protocol)}_floor_n{protocol.num_fake}_{protocol.uncertainty_tag}_s{seed}{design}"
 
 
 def protocol_floor(
@@ -623,7 +609,8 @@ def protocol_floor(
     real, _ = real_features(protocol, extractor, cache_dir, progress)
     runs, hits = [], []
     for seed in protocol.fake_seeds:
-        identity = {**real_stats_identity(protocol), "floor": FLOOR_METHOD, "n": protocol.num_fake}
+        identity = {**real_stats_identity(protocol), "floor": FLOOR_METHOD, "n": protocol.num_fake,
+                    **({} if prompt_design(protocol) == "rounds" else {"prompts": prompt_design(protocol)})}
         identity |= {"uncertainty": [RECORD_METHODS[protocol.uncertainty], protocol.replicates], "seed": seed}
         path = Path(cache_dir) / f"{floor_key(protocol, seed)}.safetensors" if cache_dir is not None else None
         entry = _read_entry(path, identity) if path is not None else None
