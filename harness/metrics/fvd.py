@@ -592,7 +592,9 @@ def _floor_clips(protocol: FVDProtocol, seed: int) -> torch.Tensor:
 
 
 def floor_key(protocol: FVDProtocol, seed: int) -> str:
-    design = "" if prompt_design(protocol) == "rounds" else f"_{prompt_design(protocol)}"  # rounds: older keys
+    design = (
+        "" if prompt_design(protocol) == "rounds" else f"_{prompt_design(protocol)}"
+    )  # rounds: older keys
     return f"{real_stats_key(protocol)}_floor_n{protocol.num_fake}_{protocol.uncertainty_tag}_s{seed}{design}"
 
 
@@ -609,8 +611,12 @@ def protocol_floor(
     real, _ = real_features(protocol, extractor, cache_dir, progress)
     runs, hits = [], []
     for seed in protocol.fake_seeds:
-        identity = {**real_stats_identity(protocol), "floor": FLOOR_METHOD, "n": protocol.num_fake,
-                    **({} if prompt_design(protocol) == "rounds" else {"prompts": prompt_design(protocol)})}
+        identity = {
+            **real_stats_identity(protocol),
+            "floor": FLOOR_METHOD,
+            "n": protocol.num_fake,
+            **({} if prompt_design(protocol) == "rounds" else {"prompts": prompt_design(protocol)}),
+        }
         identity |= {"uncertainty": [RECORD_METHODS[protocol.uncertainty], protocol.replicates], "seed": seed}
         path = Path(cache_dir) / f"{floor_key(protocol, seed)}.safetensors" if cache_dir is not None else None
         entry = _read_entry(path, identity) if path is not None else None

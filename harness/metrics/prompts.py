@@ -16,10 +16,10 @@ screen's videos are the first ones of the full protocol's) and both exact over a
   ties, so every prefix follows the real set's one- and two-way distributions as closely as its length
   allows and two seeds draw different but equally balanced sets.
 
-Why balanced: measured on the shipped tiny base (12 subnets, 32 videos each, two seeds), the prompt
-composition was most of a 32-video FVD's seed-to-seed noise. The seed-to-seed reliability of the
-candidates' FVDs (between-candidate variance over total) went from 0.84 with rounds to 0.95 with the
-balanced design, about what rounds reach with 64-128 videos (figures in ``results/fvd-precision``).
+Why balanced: measured on the shipped tiny base (11 subnets, two seeds), the prompt composition was
+most of a 32-video FVD's seed-to-seed noise. The between-subnet reliability of the FVDs (between-subnet
+variance over the total) was 0.86 with rounds and 0.96 with the balanced design, and balanced at 16
+videos matched rounds at 48 (``results/fvd-precision``).
 """
 
 from __future__ import annotations
