@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="screening rungs: generated videos per FVD estimate, ascending and below --fvd-videos; a "
         "candidate reaches the full protocol only when no screened one clearly dominates it ('' = none; "
-        "auto = one rung at a quarter of --fvd-videos, none below 16)",
+        "auto = one rung at a quarter of --fvd-videos in whole batches of 8, none below 16)",
     )
     g.add_argument("--promotion", choices=RULES, default=Promotion.rule, help="promotion rule")
     g.add_argument("--eta", type=float, default=Promotion.eta, help="top-fraction: promote the best 1/eta")

@@ -46,6 +46,8 @@ def test_top_fraction_rule_keeps_the_best_one_over_eta():
 
 def test_rungs_are_checked_and_auto_is_a_quarter():
     assert parse_rungs("auto", 32) == (8,)
+    assert parse_rungs("auto", 40) == (8,) and parse_rungs("auto", 48) == (8,)  # whole generation batches
+    assert parse_rungs("auto", 64) == (16,) and parse_rungs("auto", 16) == (4,)
     assert parse_rungs("auto", 8) == ()
     assert parse_rungs("", 32) == ()
     assert parse_rungs("4,8", 32) == (4, 8)

@@ -85,9 +85,16 @@ class Promotion:
 def parse_rungs(text: str, fvd_videos: int) -> tuple[int, ...]:
     """``--rungs``: comma-separated video counts, ``''`` for none, or ``auto``: one screen at a quarter
     of the full protocol's videos (none below 16 videos, where a quarter of them, under 4, no longer
-    estimates anything)."""
+    estimates anything), rounded down to a multiple of the generation batch from 32 videos on: the
+    full run then generates its remaining videos in the batches a fresh run would, bit for bit
+    (``harness.measurement.quality.GENERATION_BATCH``)."""
     if text.strip() == "auto":
-        return (fvd_videos // 4,) if fvd_videos >= 16 else ()
+        from harness.measurement.quality import GENERATION_BATCH
+
+        quarter = fvd_videos // 4
+        if quarter >= GENERATION_BATCH:
+            quarter -= quarter % GENERATION_BATCH
+        return (quarter,) if fvd_videos >= 16 else ()
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
