@@ -25,22 +25,14 @@ PROMPTS = ["a large red square moving left", "a small blue circle moving up"]
 TOLERANCE = 1e-5  # max abs difference on another CPU model or torch version (pixels in [-1, 1])
 
 
-def _cpu_model() -> str | None:
-    """The "model name" of /proc/cpuinfo, as the reference script read it (leading tab and colon off)."""
+def _cpuinfo(field: str) -> str | None:
+    """A field of /proc/cpuinfo's first processor, as the reference script read "model name" (leading
+    tab and colon off): "model name", or "flags" (the instruction sets oneDNN chooses its kernels by)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    return text.split("model name")[1].split("\n")[0].strip(" \t:") if "model name" in text else None
-
-
-def _cpu_flags() -> str | None:
-    """The "flags" line of /proc/cpuinfo (the instruction sets oneDNN chooses its kernels by)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return text.split("flags")[1].split("\n")[0].strip(" \t:") if "flags" in text else None
+    return text.split(field)[1].split("\n")[0].strip(" \t:") if field in text else None
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +106,8 @@ def test_regenerated_video_matches_the_reference(name, reference, models):
     # asked only where the provenance also records the CPU's flags and they match (this file does not).
     same_machine = (
         provenance["torch"] == torch.__version__
-        and provenance["cpu_model"].strip(" \t:") == _cpu_model()
-        and provenance.get("cpu_flags") == _cpu_flags()
+        and provenance["cpu_model"].strip(" \t:") == _cpuinfo("model name")
+        and provenance.get("cpu_flags") == _cpuinfo("flags")
     )
     if same_machine:
         assert torch.equal(video, expected), f"{name}: max abs diff {(video - expected).abs().max().item()}"

@@ -274,7 +274,8 @@ class FrechetQuality(QualityMetric):
         )
         checks = f":checks={'+'.join(sorted(self.checks))}" if self.checks else ""
         # The balanced prompt design names itself; datasets without caption strata keep the older name.
-        design = "" if prompt_design(p) == "rounds" else f"-{prompt_design(p)[:3]}"
+        design = prompt_design(p)
+        design = "" if design == "rounds" else f"-{design[:3]}"
         version = f":{QUALITY_VERSION}-crn{design}-u8-{p.uncertainty_tag}"
         # The candidates' precision changes their videos, so it names another study (fp32: as before).
         precision = "" if s.precision == "fp32" else f":{s.precision}"
@@ -284,7 +285,7 @@ class FrechetQuality(QualityMetric):
         )
 
     def prompts(self, protocol, seed: int, n: int) -> list[str]:
-        """Prompts of videos ``0 .. n - 1`` of run ``seed`` (``generation_prompts`` of the real captions)."""
+        """Prompts of videos ``0 .. n - 1`` of run ``seed`` (``protocol_prompts``; captions read once)."""
         from harness.metrics.fvd import protocol_prompts, real_captions, real_stats_key
 
         key = real_stats_key(protocol)

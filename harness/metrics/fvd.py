@@ -592,9 +592,8 @@ def _floor_clips(protocol: FVDProtocol, seed: int) -> torch.Tensor:
 
 
 def floor_key(protocol: FVDProtocol, seed: int) -> str:
-    design = (
-        "" if prompt_design(protocol) == "rounds" else f"_{prompt_design(protocol)}"
-    )  # rounds: older keys
+    design = prompt_design(protocol)
+    design = "" if design == "rounds" else f"_{design}"  # rounds: the older keys
     return f"{real_stats_key(protocol)}_floor_n{protocol.num_fake}_{protocol.uncertainty_tag}_s{seed}{design}"
 
 
@@ -610,12 +609,13 @@ def protocol_floor(
     begin = time.perf_counter()
     real, _ = real_features(protocol, extractor, cache_dir, progress)
     runs, hits = [], []
+    design = prompt_design(protocol)
     for seed in protocol.fake_seeds:
         identity = {
             **real_stats_identity(protocol),
             "floor": FLOOR_METHOD,
             "n": protocol.num_fake,
-            **({} if prompt_design(protocol) == "rounds" else {"prompts": prompt_design(protocol)}),
+            **({} if design == "rounds" else {"prompts": design}),
         }
         identity |= {"uncertainty": [RECORD_METHODS[protocol.uncertainty], protocol.replicates], "seed": seed}
         path = Path(cache_dir) / f"{floor_key(protocol, seed)}.safetensors" if cache_dir is not None else None

@@ -12,9 +12,8 @@ screen's videos are the first ones of the full protocol's) and both exact over a
   design. Each next prompt is the unused caption whose cells lie furthest below their share of the
   real set (in counts, each stratum weighted by its number of cells); the cells are every stratum alone,
   every pair of strata, and the caption itself (so the first ``len(set(captions))`` prompts are still
-  distinct captions). The seed only breaks
-  ties, so every prefix follows the real set's one- and two-way distributions as closely as its length
-  allows and two seeds draw different but equally balanced sets.
+  distinct captions). The seed only breaks ties, so every prefix follows the real set's one- and two-way
+  distributions as closely as its length allows and two seeds draw different but equally balanced sets.
 
 Why balanced: measured on the shipped tiny base (11 subnets, two seeds), the prompt composition was
 most of a 32-video FVD's seed-to-seed noise. The between-subnet reliability of the FVDs (between-subnet
@@ -31,7 +30,6 @@ from functools import lru_cache
 import numpy as np
 
 PROMPT_STREAM = 0x9120_3417  # tag of the seeded draws below
-DESIGNS = ("rounds", "balanced")
 
 Strata = Callable[[str], Mapping[str, Hashable]]  # a caption -> its strata, e.g. {"colour": 2, ...}
 
@@ -71,6 +69,7 @@ def _rounds_cycle(captions: tuple[str, ...], seed: int, cycle: int) -> tuple[str
     return tuple(order)
 
 
+@lru_cache(maxsize=16)  # parsed once per real set, not per candidate and rung
 def _strata_table(captions: tuple[str, ...], strata: Strata) -> tuple[tuple[Hashable, ...], ...]:
     """Each caption's strata as a tuple over the sorted stratum names (every caption must name the same)."""
     parsed = [dict(strata(c)) for c in captions]
